@@ -1,0 +1,18 @@
+"""The `sslam` command line: a thin Typer layer over `sslam_core`."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="sslam",
+    help="Audio tagging, embeddings, pre-training and fine-tuning with SSLAM / EAT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each command module registers itself on `app`.
+
+if __name__ == "__main__":
+    app()
