@@ -1,0 +1,43 @@
+"""sslam: SSLAM / EAT audio transformers without fairseq.
+
+    import sslam_core
+    model = sslam_core.load_model("ta012/SSLAM_pretrain")        # or a .pt / folder / .safetensors
+    feats = model(sslam_core.prepare_input(waves))                 # (B, 1 + N, D), CLS first
+    for rec in sslam_core.embed(model, ["a.wav", "b.flac"]): ...   # clip / frame / patch features
+    for res in sslam_core.tag(classifier, ["a.wav"]): ...          # class scores, whole file and per window
+
+Names are imported on first use, so `import sslam_core` stays cheap.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "AudioError": "audio",
+    "load_audio": "audio",
+    "resample": "audio",
+    "CheckpointError": "checkpoints",
+    "load_model": "checkpoints",
+    "read_checkpoint": "checkpoints",
+    "save_checkpoint": "checkpoints",
+    "embed": "embeddings",
+    "fbank": "frontend",
+    "normalize": "frontend",
+    "pad_or_crop": "frontend",
+    "prepare_input": "frontend",
+    "Classifier": "model",
+    "Encoder": "model",
+    "ModelConfig": "model",
+    "build_model": "model",
+    "preset": "model",
+    "tag": "tagging",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"sslam_core.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'sslam_core' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""Helpers shared by the commands: error reporting, device choice, model loading."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import torch
+import typer
+from rich.console import Console
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line on stderr and exit with status 2."""
+    err_console.print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, for a skipped file or similar."""
+    err_console.print(f"[yellow]skipped:[/yellow] {message}", markup=True)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown device {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail("CUDA was requested but is not available")
+    return dev
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("fp32", "bf16", "fp16"):
+        fail(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    if precision != "fp32" and device.type == "cpu":
+        err_console.print(f"note: {precision} on CPU is usually slower than fp32 on CPUs without AVX-512")
+    return precision
+
+
+def parse_norm(norm: str | None, default) -> str | tuple[float, float]:
+    """`audioset|esc50|spc2|spass` or `MEAN,STD`; None -> the checkpoint's own or AudioSet's."""
+    if norm is None:
+        return default or "audioset"
+    if "," in norm:
+        try:
+            mean, std = (float(v) for v in norm.split(","))
+        except ValueError:
+            fail(f"--norm {norm!r}: expected a preset name or MEAN,STD")
+        return mean, std
+    return norm
+
+
+def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False):
+    """Load a checkpoint; any problem becomes one line and exit status 2."""
+    from sslam_core.checkpoints import CheckpointError, load_model
+
+    try:
+        return load_model(checkpoint, device=device, teacher=teacher)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,113 @@
+"""`sslam extract`: embeddings of audio files to one HDF5 file (layout in the README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from sslam_cli.common import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    check_precision,
+    err_console,
+    fail,
+    load_model_or_fail,
+    parse_norm,
+    pick_device,
+    warn,
+)
+
+
+def extract(
+    paths: list[str] = typer.Argument(..., help="Audio files, folders (searched recursively), or file lists."),
+    output: Path = typer.Option(..., "--output", "-o", help="HDF5 file to write."),
+    checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_pretrain]"),
+    teacher: bool = typer.Option(False, "--teacher", help="Use the EMA teacher weights of a pre-training checkpoint."),
+    granularity: str = typer.Option("clip", "--granularity", "-g", help="clip, frame, patch or all."),
+    layer: int = typer.Option(None, "--layer", "-l", help="Block whose output to take, from 1; negative from the end [default: last]."),
+    target_length: int = typer.Option(1024, "--target-length", help="Model input length in frames (multiple of 16)."),
+    hop: float = typer.Option(None, help="Hop between windows in seconds for long files [default: the window]."),
+    norm: str = typer.Option(None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run without redoing finished files."),
+) -> None:
+    """Extract clip, per-time-step or patch embeddings of any layer to HDF5."""
+    import sslam_core
+    from sslam_core.checkpoints import DEFAULT_ENCODER
+    from sslam_core.embeddings import extract_to_h5, granularities
+    from sslam_core.feature_store import StoreError
+    from sslam_core.inference import seconds_to_frames
+    from sslam_core.inputs import collect_inputs
+
+    try:
+        granularities(granularity)
+    except ValueError as e:
+        fail(str(e))
+    if target_length <= 0 or target_length % 16:
+        fail(f"--target-length {target_length}: must be a positive multiple of 16")
+    dev = pick_device(device)
+    check_precision(precision, dev)
+    ckpt = checkpoint or DEFAULT_ENCODER
+    model = load_model_or_fail(ckpt, dev, teacher=teacher)
+    encoder = getattr(model, "encoder", model)
+    try:
+        encoder.resolve_layer(layer)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        hop_frames = seconds_to_frames(hop) if hop else target_length
+    except ValueError as e:
+        fail(str(e))
+    inputs = collect_inputs(paths)
+    if not inputs:
+        fail("no audio files found in " + ", ".join(paths))
+    normalization = parse_norm(norm, model.normalization)
+    info = model.checkpoint_info
+    settings = {
+        "checkpoint": str(info.get("source", ckpt)) if isinstance(info, dict) else str(ckpt),
+        "checkpoint_sha256": info.get("sha256", "") if isinstance(info, dict) else "",
+        "teacher": teacher,
+        "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+        "sample_rate": 16000,
+        "target_length": target_length,
+        "window": target_length / 100.0,
+        "hop": hop_frames / 100.0,
+        "layer": layer if layer is not None else -1,
+        "granularity": granularity,
+        "normalization": json.dumps(normalization),
+        "version": sslam_core.__version__,
+    }
+    bar = tqdm(total=len(inputs), unit="file", file=err_console.file)
+    skipped = 0
+
+    def on_file(rec) -> None:
+        nonlocal skipped
+        bar.update()
+        if rec.error:
+            skipped += 1
+            warn(rec.error)
+
+    try:
+        summary = extract_to_h5(
+            model, [p for p, _ in inputs], [n for _, n in inputs], output, settings=settings,
+            granularity=granularity, layer=layer, target_length=target_length, hop=hop_frames, resume=resume,
+            on_file=on_file, batch_size=batch_size, workers=workers, device=dev, precision=precision,
+            normalization=normalization,
+        )
+    except StoreError as e:
+        bar.close()
+        fail(str(e))
+    bar.update(summary.resumed)
+    bar.close()
+    err_console.print(
+        f"wrote {summary.written} file(s) to {output}"
+        + (f" ({summary.resumed} from the interrupted run)" if summary.resumed else "")
+        + (f", skipped {len(summary.skipped)} (listed in 'errors')" if summary.skipped else "")
+    )
+    raise typer.Exit(EXIT_SKIPPED if summary.skipped else EXIT_OK)

@@ -1,0 +1,49 @@
+"""HEAR 2021 API (https://hearbenchmark.com): `load_model`, `get_scene_embeddings`,
+`get_timestamp_embeddings`. Scene embeddings are CLS vectors (the mean over 10.24 s windows for
+longer audio); timestamp embeddings are one vector per 160 ms step, stamped at its centre in ms."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sslam_core.checkpoints import DEFAULT_ENCODER, load_model as _load
+from sslam_core.embeddings import embed
+
+SAMPLE_RATE = 16000
+
+
+def load_model(model_file_path: str = "", device: str = "cpu", layer: int | None = None) -> nn.Module:
+    """Load a checkpoint (path or hub id; default the SSLAM pre-trained encoder) for the HEAR API."""
+    model = _load(model_file_path or DEFAULT_ENCODER, device=device)
+    dim = model.cfg.embed_dim
+    model.sample_rate = SAMPLE_RATE
+    model.scene_embedding_size = dim
+    model.timestamp_embedding_size = dim
+    model.hear_layer = layer
+    return model
+
+
+def _records(audio: Tensor, model: nn.Module, granularity: str):
+    device = next(model.parameters()).device
+    sources = [(wave.detach().cpu().float(), SAMPLE_RATE) for wave in audio]
+    records = list(embed(model, sources, granularity=granularity, layer=model.hear_layer, device=device))
+    for rec in records:
+        if rec.error:
+            raise ValueError(rec.error)
+    return records
+
+
+def get_scene_embeddings(audio: Tensor, model: nn.Module) -> Tensor:
+    """(n_sounds, n_samples) at 16 kHz -> (n_sounds, D)."""
+    records = _records(audio, model, "clip")
+    return torch.from_numpy(np.stack([r.clip for r in records]))
+
+
+def get_timestamp_embeddings(audio: Tensor, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """(n_sounds, n_samples) -> embeddings (n_sounds, n_steps, D) and timestamps (n_sounds, n_steps) in ms."""
+    records = _records(audio, model, "frame")
+    emb = torch.from_numpy(np.stack([r.frame for r in records]))
+    times = torch.from_numpy(np.stack([(r.frame_times + 0.08) * 1000.0 for r in records])).float()
+    return emb, times
