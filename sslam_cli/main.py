@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 # Each command module registers itself on `app`.
+from sslam_cli import extract as _extract  # noqa: E402
+from sslam_cli import tag as _tag  # noqa: E402
+
+app.command("tag")(_tag.tag)
+app.command("extract")(_extract.extract)
 
 if __name__ == "__main__":
     app()
