@@ -18,6 +18,3 @@ from sslam_cli import tag as _tag  # noqa: E402
 
 app.command("tag")(_tag.tag)
 app.command("extract")(_extract.extract)
-
-if __name__ == "__main__":
-    app()
