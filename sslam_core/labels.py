@@ -1,0 +1,63 @@
+"""Class names for classifier heads: the AudioSet ontology shipped with the package, or a user CSV."""
+
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+AUDIOSET_CLASSES = 527
+
+
+class LabelError(ValueError):
+    """A label file that cannot be read as class names."""
+
+
+def _parse(text: str, source: str) -> list[tuple[str, str]]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise LabelError(f"{source}: no class names found")
+    rows = [[cell.strip() for cell in row] for row in csv.reader(lines)]
+    header = [cell.lower() for cell in rows[0]]
+    if not {"mid", "display_name"} <= set(header):
+        return [(line.strip(), line.strip()) for line in lines]
+    mid, name = header.index("mid"), header.index("display_name")
+    body = rows[1:]
+    try:
+        if "index" in header:
+            body = sorted(body, key=lambda r: int(r[header.index("index")]))
+        return [(r[mid], r[name]) for r in body]
+    except (ValueError, IndexError):
+        raise LabelError(f"{source}: rows must match the header 'index,mid,display_name'") from None
+
+
+@lru_cache(maxsize=1)
+def _audioset() -> tuple[tuple[str, str], ...]:
+    text = resources.files("sslam_core").joinpath("data_files/class_labels_indices.csv").read_text("utf-8")
+    return tuple(_parse(text, "class_labels_indices.csv"))
+
+
+def audioset_labels() -> list[tuple[str, str]]:
+    """The 527 AudioSet classes as (mid, display name), in the order of the released heads."""
+    return list(_audioset())
+
+
+def labels_from_mids(mid_to_index: dict) -> list[tuple[str, str]]:
+    """Order AudioSet-style mids by their class index (fairseq `task_state['labels']`) and name them."""
+    names = dict(_audioset())
+    order = sorted(mid_to_index.items(), key=lambda kv: int(kv[1]))
+    return [(mid, names.get(mid, mid)) for mid, _ in order]
+
+
+def read_label_csv(path: str | Path) -> list[tuple[str, str]]:
+    """Class names for a custom head: `index,mid,display_name` rows, or one name per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelError(f"{path}: cannot read label file ({e})") from None
+    return _parse(text, str(path))
+
+
+__all__ = ["AUDIOSET_CLASSES", "LabelError", "audioset_labels", "labels_from_mids", "read_label_csv"]
