@@ -10,68 +10,20 @@ import numpy as np
 import pytest
 import torch
 
+from sslam_core.checkpoints import read_checkpoint
 from sslam_core.mixing import choose_windows, mix_batch, partial_mix, window_candidates
 from sslam_core.model import ModelConfig
 from sslam_core.objective import ObjectiveConfig, PretrainingModel, ema_decay_at
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STEP = FIXTURES / "pretraining"
+TINY = FIXTURES / "checkpoints" / "tiny_pretrain.pt"
 
 
 def load_tiny_pretrain() -> tuple[ModelConfig, dict, dict, dict]:
     """Config, student, teacher and decoder weights of the tiny official checkpoint, in our names."""
-    try:
-        from sslam_core.checkpoints import read_checkpoint
-    except ImportError:
-        read_checkpoint = None
-    if read_checkpoint is not None:
-        ckpt = read_checkpoint(FIXTURES / "checkpoints" / "tiny_pretrain.pt")
-        return ckpt.config, ckpt.state, ckpt.teacher, ckpt.decoder
-    return _read_fairseq_pretrain(FIXTURES / "checkpoints" / "tiny_pretrain.pt")
-
-
-def _read_fairseq_pretrain(path: Path) -> tuple[ModelConfig, dict, dict, dict]:
-    import pickle
-    import types
-
-    class Stub:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __setstate__(self, state):
-            pass
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            return Stub if module.startswith("fairseq") else super().find_class(module, name)
-
-    module = types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="pickle")
-    raw = torch.load(path, pickle_module=module, weights_only=False, map_location="cpu")["model"]
-    prefix = "modality_encoders.IMAGE."
-    names = {
-        "extra_tokens": "cls_token",
-        "local_encoder.proj.weight": "patch_embed.weight",
-        "local_encoder.proj.bias": "patch_embed.bias",
-        "fixed_positional_encoder.positions": "pos_embed",
-        "context_encoder.norm.weight": "pre_norm.weight",
-        "context_encoder.norm.bias": "pre_norm.bias",
-    }
-
-    def encoder(d: dict) -> dict:
-        out = {}
-        for k, v in d.items():
-            if k.startswith(prefix) and k[len(prefix) :] in names:
-                out[names[k[len(prefix) :]]] = v.float()
-            elif k.startswith("blocks."):
-                out[k] = v.float()
-        return out
-
-    decoder = {
-        k[len(prefix + "decoder.") :]: v.float() for k, v in raw.items() if k.startswith(prefix + "decoder.")
-    }
-    student = encoder(raw)
-    cfg = ModelConfig(embed_dim=64, depth=2, num_heads=4)
-    return cfg, student, encoder(raw["_ema"]), decoder
+    ckpt = read_checkpoint(TINY)
+    return ckpt.config, ckpt.state, ckpt.teacher, ckpt.decoder
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +80,20 @@ def test_teacher_holds_the_ema_weights_and_student_the_fp16_ones(eat):
     assert torch.equal(model.teacher.blocks[0].mlp.fc1.weight, teacher["blocks.0.mlp.fc1.weight"].float())
     assert torch.equal(model.student.blocks[0].mlp.fc1.weight, student["blocks.0.mlp.fc1.weight"].float())
     assert not model.teacher.training and model.student.training
+
+
+def test_from_checkpoint_loads_student_teacher_and_decoder(eat):
+    model = PretrainingModel.from_checkpoint(TINY, ObjectiveConfig(stage="sslam"))
+    assert model.cfg.clone_batch == 8
+    for ours, ref in [
+        (model.student, eat[0].student),
+        (model.teacher, eat[0].teacher),
+        (model.decoder, eat[0].decoder),
+    ]:
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True)
+        )
 
 
 def test_sslam_mixed_batch_is_exact(step, sslam):
