@@ -18,3 +18,6 @@ from sslam_cli import tag as _tag  # noqa: E402
 
 app.command("tag")(_tag.tag)
 app.command("extract")(_extract.extract)
+from sslam_cli import convert as _convert  # noqa: E402
+
+app.command("convert")(_convert.convert)
