@@ -1,0 +1,128 @@
+"""Multi-process training helpers: torchrun environment, process group, rank-0-only side effects.
+
+Launch with `torchrun --nproc_per_node N ...`; without those variables everything runs as one process
+and every helper degrades to a no-op, so single-process code needs no special case.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, number of processes, rank on this machine, its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """`auto`/None -> this process's CUDA device if there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size
+        )
+    return DistInfo(get_rank(), get_world_size(), local_rank, dev)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files, logs and progress bars."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Average named scalars over ranks, for logging (every rank must call it with the same keys)."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = [
+    "DistInfo",
+    "resolve_device",
+    "init_distributed",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_mean",
+    "all_gather_objects",
+    "broadcast_object",
+    "cleanup",
+]
