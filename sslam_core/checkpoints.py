@@ -370,14 +370,10 @@ def read_checkpoint(
 
 def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
     """Build the Encoder/Classifier for a checkpoint, load its weights and put it in eval mode."""
+    _check_state(ckpt.config, ckpt.state, "model", ckpt.source)
     with torch.device("meta"):
         model = build_model(ckpt.config)
-    try:
-        model.load_state_dict(ckpt.state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{ckpt.source}: weights do not fit the model ({str(e).splitlines()[0]})"
-        ) from None
+    model.load_state_dict(ckpt.state, strict=True, assign=True)
     model = model.to(device).eval()
     model.labels = ckpt.labels
     model.normalization = ckpt.normalization
