@@ -24,6 +24,8 @@ N_MELS = 128
 LOW_HZ = 20.0
 PREEMPHASIS = 0.97
 EPS = torch.finfo(torch.float32).eps
+CPU_BLOCK_FRAMES = 512
+DEVICE_BLOCK_FRAMES = 1 << 20
 
 NORMALIZATION: dict[str, tuple[float, float]] = {
     "audioset": (-4.268, 4.569),
@@ -43,7 +45,7 @@ def _hz_to_mel(hz: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def _kaldi_mel_matrix() -> torch.Tensor:
-    """(N_FFT//2 + 1, N_MELS) triangular filters on the mel axis, built in float32 like Kaldi; Nyquist row 0."""
+    """(N_FFT//2 + 1, N_MELS) Kaldi triangular mel filters, built in float32; the Nyquist row is zero."""
     low, high = _hz_to_mel(LOW_HZ), _hz_to_mel(SAMPLE_RATE / 2)
     delta = (high - low) / (N_MELS + 1)
     bins = torch.arange(N_MELS).unsqueeze(1)
@@ -83,25 +85,48 @@ def _as_batch(waves: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x
 
 
+def _log_mel_frames(
+    frames: torch.Tensor, mel: torch.Tensor, window: torch.Tensor, eps: torch.Tensor, out: torch.Tensor
+) -> None:
+    """(n, 400) frames -> log-mel in out (n, 128): DC removal, pre-emphasis, Hann, |rfft|^2, mel, log."""
+    x = frames - frames.mean(dim=-1, keepdim=True)
+    previous = PREEMPHASIS * x[:, :-1]
+    x[:, :1] -= PREEMPHASIS * x[:, :1]
+    x[:, 1:] -= previous
+    x *= window
+    power = torch.fft.rfft(x, n=N_FFT).abs().pow_(2.0)
+    torch.mm(power, mel, out=out)
+    out.clamp_min_(eps).log_()
+
+
 def fbank(waves: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Kaldi fbank (htk_compat, Hann, 128 bins, no dither/energy) of a batch: (B, frames, 128) log-mel."""
     x = _as_batch(waves)
     if sample_rate != SAMPLE_RATE:
         x = resample(x, sample_rate, SAMPLE_RATE)
     batch, n = x.shape
-    mel, window, eps = _constants(x.device, x.dtype)
     frames = num_frames(n)
+    out = x.new_empty(batch, frames, N_MELS)
     if frames == 0:
-        return x.new_zeros(batch, 0, N_MELS)
+        return out
+    mel, window, eps = _constants(x.device, x.dtype)
     x = x.contiguous()
     strided = x.as_strided((batch, frames, WINDOW), (x.stride(0), HOP, 1))
-    strided = strided - strided.mean(dim=2, keepdim=True)
-    previous = torch.cat([strided[..., :1], strided[..., :-1]], dim=2)
-    strided = strided - PREEMPHASIS * previous
-    strided = strided * window
-    spectrum = torch.fft.rfft(strided, n=N_FFT).abs().pow(2.0)
-    energies = torch.matmul(spectrum.reshape(batch * frames, -1), mel)
-    return torch.max(energies, eps).log().reshape(batch, frames, N_MELS)
+    # Work in blocks of frames: on CPU small blocks stay in cache, elsewhere they bound peak memory.
+    step = CPU_BLOCK_FRAMES if x.device.type == "cpu" else DEVICE_BLOCK_FRAMES
+    if frames >= step:
+        for b in range(batch):
+            for start in range(0, frames, step):
+                stop = min(start + step, frames)
+                _log_mel_frames(strided[b, start:stop], mel, window, eps, out[b, start:stop])
+    else:
+        clips = max(1, step // frames)
+        for start in range(0, batch, clips):
+            chunk = strided[start : start + clips]
+            _log_mel_frames(
+                chunk.reshape(-1, WINDOW), mel, window, eps, out[start : start + clips].view(-1, N_MELS)
+            )
+    return out
 
 
 log_mel = fbank
