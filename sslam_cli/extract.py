@@ -22,20 +22,45 @@ from sslam_cli.common import (
 
 
 def extract(
-    paths: list[str] = typer.Argument(..., help="Audio files, folders (searched recursively), or file lists."),
+    paths: list[str] = typer.Argument(
+        ..., help="Audio files, folders (searched recursively), or file lists."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="HDF5 file to write."),
-    checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_pretrain]"),
-    teacher: bool = typer.Option(False, "--teacher", help="Use the EMA teacher weights of a pre-training checkpoint."),
+    checkpoint: str = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_pretrain]",
+    ),
+    teacher: bool = typer.Option(
+        False, "--teacher", help="Use the EMA teacher weights of a pre-training checkpoint."
+    ),
     granularity: str = typer.Option("clip", "--granularity", "-g", help="clip, frame, patch or all."),
-    layer: int = typer.Option(None, "--layer", "-l", help="Block whose output to take, from 1; negative from the end [default: last]."),
-    target_length: int = typer.Option(1024, "--target-length", help="Model input length in frames (multiple of 16)."),
-    hop: float = typer.Option(None, help="Hop between windows in seconds for long files [default: the window]."),
-    norm: str = typer.Option(None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
+    layer: int = typer.Option(
+        None,
+        "--layer",
+        "-l",
+        help="Block whose output to take, from 1; negative from the end [default: last].",
+    ),
+    target_length: int = typer.Option(
+        1024, "--target-length", help="Model input length in frames (multiple of 16)."
+    ),
+    hop: float = typer.Option(
+        None, help="Hop between windows in seconds for long files [default: the window]."
+    ),
+    norm: str = typer.Option(
+        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run without redoing finished files."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Finish an interrupted run without redoing finished files."
+    ),
+    flush_every: int = typer.Option(
+        256, "--flush-every", help="Files per journal part: at most this much work is redone after a crash."
+    ),
 ) -> None:
     """Extract clip, per-time-step or patch embeddings of any layer to HDF5."""
     import sslam_core
@@ -95,9 +120,22 @@ def extract(
 
     try:
         summary = extract_to_h5(
-            model, [p for p, _ in inputs], [n for _, n in inputs], output, settings=settings,
-            granularity=granularity, layer=layer, target_length=target_length, hop=hop_frames, resume=resume,
-            on_file=on_file, batch_size=batch_size, workers=workers, device=dev, precision=precision,
+            model,
+            [p for p, _ in inputs],
+            [n for _, n in inputs],
+            output,
+            settings=settings,
+            granularity=granularity,
+            layer=layer,
+            target_length=target_length,
+            hop=hop_frames,
+            resume=resume,
+            on_file=on_file,
+            flush_files=max(1, flush_every),
+            batch_size=batch_size,
+            workers=workers,
+            device=dev,
+            precision=precision,
             normalization=normalization,
         )
     except StoreError as e:

@@ -27,18 +27,34 @@ from sslam_cli.common import (
 
 
 def tag(
-    paths: list[str] = typer.Argument(..., help="Audio files, folders (searched recursively), or file lists."),
-    checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Fine-tuned checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_AS2M_Finetuned]"),
+    paths: list[str] = typer.Argument(
+        ..., help="Audio files, folders (searched recursively), or file lists."
+    ),
+    checkpoint: str = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Fine-tuned checkpoint: .pt, folder, .safetensors, run dir or hub id "
+        "[default: ta012/SSLAM_AS2M_Finetuned].",
+    ),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Labels to report per file."),
-    threshold: float = typer.Option(None, "--threshold", "-t", help="Only report labels scoring at least this."),
+    threshold: float = typer.Option(
+        None, "--threshold", "-t", help="Only report labels scoring at least this."
+    ),
     window: float = typer.Option(10.24, help="Window length in seconds (the model's input length)."),
     hop: float = typer.Option(None, help="Hop between windows in seconds [default: the window]."),
     timeline: bool = typer.Option(False, "--timeline", help="Also report the scores of every window."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json (one object per line) or csv."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write the results to this file instead of stdout."),
-    plot: Path = typer.Option(None, "--plot", help="PNG heatmap of the top classes over time (needs matplotlib)."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Write the results to this file instead of stdout."
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", help="PNG heatmap of the top classes over time (needs matplotlib)."
+    ),
     labels: Path = typer.Option(None, "--labels", help="CSV of class names for a custom head."),
-    norm: str = typer.Option(None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
+    norm: str = typer.Option(
+        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
@@ -58,7 +74,7 @@ def tag(
     check_precision(precision, dev)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev)
     if not isinstance(model, Classifier):
-        fail(f"{checkpoint or DEFAULT_TAGGER}: a pre-trained encoder has no classes to tag; use a fine-tuned checkpoint")
+        fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = model.labels
     if labels is not None:
         try:
@@ -81,8 +97,15 @@ def tag(
     results, skipped = [], []
     bar = tqdm(total=len(inputs), unit="file", disable=len(inputs) < 2, file=err_console.file)
     stream = run_tag(
-        model, [p for p, _ in inputs], target_length=frames, hop=hop_frames, multilabel=multilabel,
-        batch_size=batch_size, workers=workers, device=dev, precision=precision,
+        model,
+        [p for p, _ in inputs],
+        target_length=frames,
+        hop=hop_frames,
+        multilabel=multilabel,
+        batch_size=batch_size,
+        workers=workers,
+        device=dev,
+        precision=precision,
         normalization=parse_norm(norm, model.normalization),
     )
     for (_, name), res in zip(inputs, stream, strict=True):
@@ -126,8 +149,11 @@ def _render(results, names, fmt, top_k, threshold, timeline) -> str:
             if timeline:
                 idx = [next(i for i, (m, _) in enumerate(names) if m == c["mid"]) for c in chosen]
                 obj["segments"] = [
-                    {"start": round(a, 3), "end": round(b, 3),
-                     "scores": {names[i][1]: round(float(s[i]), 6) for i in idx}}
+                    {
+                        "start": round(a, 3),
+                        "end": round(b, 3),
+                        "scores": {names[i][1]: round(float(s[i]), 6) for i in idx},
+                    }
                     for a, b, s in res.segments
                 ]
             lines.append(json.dumps(obj, ensure_ascii=False))
@@ -144,7 +170,9 @@ def _render(results, names, fmt, top_k, threshold, timeline) -> str:
                 idx = {m: i for i, (m, _) in enumerate(names)}
                 for a, b, s in res.segments:
                     for r, (n, m, _) in enumerate(chosen, 1):
-                        w.writerow([res.path, "segment", round(a, 3), round(b, 3), r, n, m, f"{s[idx[m]]:.6f}"])
+                        w.writerow(
+                            [res.path, "segment", round(a, 3), round(b, 3), r, n, m, f"{s[idx[m]]:.6f}"]
+                        )
         return buf.getvalue()
     out = Console(record=True, width=100, file=io.StringIO())
     for res in results:

@@ -82,6 +82,7 @@ def extract_to_h5(
     hop: int | None = None,
     resume: bool = False,
     on_file: Callable[[Record], None] | None = None,
+    flush_files: int = 256,
     **run_options,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
@@ -91,11 +92,15 @@ def extract_to_h5(
     """
     keep = granularities(granularity)
     hop = hop or target_length
-    store = FeatureStore(Path(out), settings, keep, resume=resume)
+    store = FeatureStore(Path(out), settings, keep, resume=resume, flush_files=flush_files)
     done = store.done() if resume else set()
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]
     results = run_windows(
-        model, [s for s, _ in todo], feature_head(model, layer), target_length=target_length, hop=hop,
+        model,
+        [s for s, _ in todo],
+        feature_head(model, layer),
+        target_length=target_length,
+        hop=hop,
         **run_options,
     )
     for (_, name), res in zip(todo, results, strict=True):

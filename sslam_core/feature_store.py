@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,12 @@ class FeatureStore:
     granularities: tuple[str, ...]
     resume: bool = False
     flush_bytes: int = 64 << 20
+    flush_files: int = 256
+    flush_seconds: float = 30.0
     _buffer: list[Record] = field(default_factory=list)
     _buffered: int = 0
     _parts: int = 0
+    _last_flush: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -97,10 +101,14 @@ class FeatureStore:
         return finished
 
     def add(self, record: Record) -> None:
-        """Queue one file's result; the journal is flushed every `flush_bytes`."""
+        """Queue one file's result; the journal is flushed by size, file count or time."""
         self._buffer.append(record)
         self._buffered += sum(a.nbytes for a in (record.clip, record.patch, record.frame) if a is not None)
-        if self._buffered >= self.flush_bytes:
+        if (
+            self._buffered >= self.flush_bytes
+            or len(self._buffer) >= self.flush_files
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -125,6 +133,7 @@ class FeatureStore:
         _atomic_write(name, lambda f: np.savez(f, **arrays))
         self._parts += 1
         self._buffer, self._buffered = [], 0
+        self._last_flush = time.monotonic()
 
     def finish(self, order: list[str]) -> tuple[int, list[tuple[str, str]]]:
         """Merge the journal into the HDF5 output, files in `order`; returns (written, errors)."""
@@ -189,6 +198,8 @@ class FeatureStore:
                 offs.append(offs[-1] + int(b - a))
         if dim is None:
             h5.create_dataset("clip", (0, 0), dtype=np.float32)
+            if "frame" in offsets:
+                h5.create_dataset("frame/times", (0,), dtype=np.float64)
         for name, offs in offsets.items():
             if dim is None:
                 h5.create_dataset(f"{name}/data", (0, 0), dtype=np.float32)

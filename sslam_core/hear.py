@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sslam_core.checkpoints import DEFAULT_ENCODER, load_model as _load
+from sslam_core.checkpoints import DEFAULT_ENCODER
+from sslam_core.checkpoints import load_model as _load
 from sslam_core.embeddings import embed
 
 SAMPLE_RATE = 16000

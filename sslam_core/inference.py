@@ -104,9 +104,7 @@ def _blocks(source: Source, block_seconds: float) -> Iterable[Tensor]:
     return [resample(wave, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wave]
 
 
-def cut_windows(
-    source: Source, file: int, window: int, hop: int, block_seconds: float = 60.0
-) -> FileWindows:
+def cut_windows(source: Source, file: int, window: int, hop: int, block_seconds: float = 60.0) -> FileWindows:
     """Decode `source` as a stream and cut it into windows of `window` frames every `hop` frames.
 
     Memory holds the 16 kHz windows, never the file at its original rate.
@@ -208,9 +206,7 @@ def run_windows(
 
     def flush() -> None:
         waves = [w.wave for w in queue]
-        x = prepare_input(
-            [w.to(device) for w in waves], target_length=target_length, norm=normalization
-        )
+        x = prepare_input([w.to(device) for w in waves], target_length=target_length, norm=normalization)
         with torch.inference_mode(), autocast(device, precision):
             out = head(x)
         for j, w in enumerate(queue):
@@ -231,7 +227,9 @@ def run_windows(
         if isinstance(item, FileResult):
             ready[i] = item
         else:
-            ready[i] = FileResult(item.path, item.duration, item.frames, [w.start_frame for w in item.windows])
+            ready[i] = FileResult(
+                item.path, item.duration, item.frames, [w.start_frame for w in item.windows]
+            )
             todo[i] = len(item.windows)
             for w in item.windows:
                 queue.append(w)

@@ -110,7 +110,9 @@ class Block(nn.Module):
     """Post-LN transformer block. Returns the output and the MLP output before the residual add
     (the data2vec 2.0 regression target)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, qkv_bias: bool, drop_path: float):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, eps: float, qkv_bias: bool, drop_path: float
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -202,7 +204,9 @@ class Encoder(nn.Module):
             return depth
         n = layer if layer > 0 else depth + 1 + layer
         if not 1 <= n <= depth or layer == 0:
-            raise ValueError(f"layer {layer} out of range for a {depth}-block model (use 1..{depth} or -1..-{depth})")
+            raise ValueError(
+                f"layer {layer} out of range for a {depth}-block model (use 1..{depth} or -1..-{depth})"
+            )
         return n
 
     def forward(self, x: Tensor, layer: int | None = None) -> Tensor:

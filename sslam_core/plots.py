@@ -29,7 +29,9 @@ def plot_timeline(result, labels: Sequence[tuple[str, str]], path: str | Path, t
     end = result.segments[-1][1]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(starts) + 3), 0.35 * len(top) + 1.5))
     extent = (0.0, max(end, starts[-1] + 1e-3), len(top) - 0.5, -0.5)
-    im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+    im = ax.imshow(
+        grid, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest"
+    )
     ax.set_yticks(range(len(top)), [labels[i][1] for i in top])
     ax.set_xlabel("time (s)")
     ax.set_title(str(result.path))
