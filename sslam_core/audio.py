@@ -189,12 +189,37 @@ def _check_finite(path: str | os.PathLike, x: torch.Tensor) -> None:
         raise AudioError(path, "contains NaN or infinite samples")
 
 
+def _check_riff_complete(path: str | os.PathLike) -> None:
+    """libsndfile silently reads a cut-off WAV; compare the declared data chunk size with the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"RIFF" or len(f.read(4)) < 4 or f.read(4) != b"WAVE":
+            return
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk, declared = f.read(4), int.from_bytes(f.read(4), "little")
+            if chunk == b"data":
+                if declared not in (0, 0xFFFFFFFF) and offset + 8 + declared > size:
+                    held = size - offset - 8
+                    raise AudioError(
+                        path, f"truncated WAV: header declares {declared} data bytes, file has {held}"
+                    )
+                return
+            offset += 8 + declared + (declared & 1)
+
+
 def _sf_blocks(path: str | os.PathLike, block_seconds: float) -> tuple[int, Iterator[torch.Tensor]]:
     """Open with libsndfile; return the rate and a generator of mono blocks."""
     try:
         handle = sf.SoundFile(str(path))
     except Exception as err:
         raise _sf_error(path, err) from err
+    try:
+        _check_riff_complete(path)
+    except AudioError:
+        handle.close()
+        raise
     block_frames = max(1, int(block_seconds * handle.samplerate))
 
     def blocks() -> Iterator[torch.Tensor]:
@@ -270,8 +295,11 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
     """(sample_rate, num_frames, channels, duration_s) from the header, without decoding the samples."""
     if _backend(path) == "soundfile":
         try:
+            _check_riff_complete(path)
             info = sf.info(str(path))
             return info.samplerate, info.frames, info.channels, info.frames / info.samplerate
+        except AudioError:
+            raise
         except Exception as err:
             if os.path.splitext(str(path))[1].lower() not in AV_FALLBACK_EXTENSIONS:
                 raise _sf_error(path, err) from err
