@@ -21,3 +21,6 @@ app.command("extract")(_extract.extract)
 from sslam_cli import convert as _convert  # noqa: E402
 
 app.command("convert")(_convert.convert)
+from sslam_cli import pack as _pack  # noqa: E402
+
+app.command("pack")(_pack.pack)

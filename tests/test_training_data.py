@@ -118,3 +118,17 @@ def test_packed_dataset_is_a_drop_in_for_files(tmp_path):
         assert a.shape == b.shape == (crop_samples(T),) and (a - b).abs().max() <= 1 / 32768
     with pytest.raises(ValueError, match="mix of packed"):
         open_audio_dataset([str(tmp_path / "packed"), LONG])
+
+
+def test_pack_command(tmp_path, broken):
+    from typer.testing import CliRunner
+
+    from sslam_cli.main import app
+
+    args = ["pack", *DIGITS, broken, "-o", str(tmp_path / "p"), "--shard-size", "2", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "packed 3 clips" in result.output and "1 unreadable" in result.output
+    assert len(PackedDataset(tmp_path / "p")) == 3
+    missing = CliRunner().invoke(app, ["pack", str(tmp_path / "nope"), "-o", str(tmp_path / "q")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
