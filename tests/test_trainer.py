@@ -164,3 +164,57 @@ def test_evaluate_keeps_best_and_numbered_checkpoints(tmp_path):
 def test_bad_precision_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         train(ToyTask(), config(tmp_path, precision="fp8"))
+
+
+class TinyPretrainTask:
+    """The real objective and data path at toy size: EAT stage 1 on two-second real clips."""
+
+    def __init__(self, frames=256):
+        from pathlib import Path
+
+        from sslam_core.objective import ObjectiveConfig, PretrainingModel
+        from sslam_core.training_data import AudioBatches, WaveformDataset
+
+        torch.manual_seed(0)
+        self.cfg = ModelConfig(embed_dim=32, depth=2, num_heads=2, max_length=64)
+        objective = ObjectiveConfig(clone_batch=2, average_top_k=2, decoder_layers=2)
+        self.model = PretrainingModel(self.cfg, objective)
+        data = Path(__file__).parent / "data"
+        clips = sorted(str(p) for p in (data / "polydigits" / "audio").glob("*.wav")) + [
+            str(data / "real_32k.wav")
+        ]
+        self.batches = AudioBatches(WaveformDataset(clips, target_length=frames), batch_size=2)
+
+    def loss(self, batch, generator):
+        out = self.model(batch["source"], generator)
+        return {k: v for k, v in out.items() if k in ("loss", "patch_loss", "cls_loss", "sample_size")}
+
+    def after_step(self, step):
+        return {"ema_decay": self.model.ema_step(step)}
+
+    def export(self, path):
+        from sslam_core.checkpoints import save_checkpoint
+
+        m = self.model
+        save_checkpoint(
+            path, self.cfg, m.student.state_dict(), m.teacher.state_dict(), m.decoder.state_dict()
+        )
+
+
+def test_pretraining_objective_trains_and_resumes_exactly(tmp_path):
+    from sslam_core.checkpoints import read_checkpoint
+
+    kw = dict(steps=4, batch_size=2, lr=1e-3, warmup=1, save_every=2, log_every=1)
+    whole = TinyPretrainTask()
+    summary = train(whole, config(tmp_path / "whole", **kw))
+    assert math.isfinite(summary["last"]["loss"]) and summary["last"]["ema_decay"] == pytest.approx(
+        0.9998, abs=1e-6
+    )
+    train(TinyPretrainTask(), config(tmp_path / "split", **kw), stop_at=1)
+    resumed = TinyPretrainTask()
+    train(resumed, config(tmp_path / "split", **kw), resume=True)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    ckpt = read_checkpoint(tmp_path / "split" / "model.safetensors")
+    assert ckpt.teacher is not None and ckpt.decoder is not None
+    assert torch.equal(ckpt.teacher["blocks.1.mlp.fc2.weight"], whole.model.teacher.blocks[1].mlp.fc2.weight)
