@@ -11,6 +11,7 @@ The loop is generic over a *task* that owns the model, the data and the loss:
     task.export(path)                            write the model checkpoint other commands load
     task.evaluate() -> dict                      optional, at every save; `config.best_metric` picks the best
     task.generator_device                        optional, device of the loss generator (default CPU)
+    task.find_unused_parameters                  optional, for DDP when some parameters get no gradient
 
 Everything that decides the trajectory (weights, optimiser, grad scaler, step, data position, the Python/
 NumPy/torch RNGs of every rank and the task's generator) goes into out_dir/state.pt, so `resume=True`
@@ -184,7 +185,9 @@ def train(
     loss_module = _LossModule(task)
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(task, "find_unused_parameters", False),
         )
         compute_loss = ddp
     else:
