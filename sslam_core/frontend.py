@@ -151,13 +151,12 @@ def normalize(fb: torch.Tensor, norm: str | tuple[float, float] = "audioset") ->
 
 
 def _wave_list(waves: Waves) -> list[torch.Tensor]:
-    """Split any accepted input into a list of 1-D floating tensors."""
+    """Split any accepted input into a list of 1-D float32 tensors (the official chain runs in float32)."""
     if isinstance(waves, (torch.Tensor, np.ndarray)):
-        return list(_as_batch(waves))
+        return list(_as_batch(waves).float())
     out = []
     for w in waves:
-        t = torch.as_tensor(w)
-        t = t if t.is_floating_point() else t.float()
+        t = torch.as_tensor(w).float()
         if t.ndim != 1:
             raise ValueError(f"each wave in a list must be 1-D, got shape {tuple(t.shape)}")
         out.append(t)

@@ -107,6 +107,9 @@ def test_numpy_and_tensor_inputs_agree_and_log_mel_is_fbank():
     assert log_mel is fbank
     np.testing.assert_array_equal(fbank(wave).numpy(), fbank(torch.from_numpy(wave)).numpy())
     assert fbank(wave.astype(np.float64)).dtype == torch.float64
+    from_double = prepare_input(CASES["chirp_1s__raw"].astype(np.float64))
+    assert from_double.dtype == torch.float32
+    np.testing.assert_array_equal(from_double[0, 0].numpy(), CASES["chirp_1s__input1024"])
 
 
 def test_pad_or_crop_and_normalize():
