@@ -80,26 +80,27 @@ class RefEncoder(nn.Module):
         return x
 
 
-def timed(fn, x: Tensor, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of `fn(x)` over `repeats` runs after `warmup` runs."""
-    times = []
+def timed(fns: list, x: Tensor, repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Median seconds of each `fn(x)`; the functions take turns so that load changes hit all alike."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for fn, record in zip(fns, times, strict=True):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    record.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """Measured GFLOP/s of an n x n matmul (the practical ceiling for this model)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda _: a @ b, a, repeats=10, warmup=3, device=device)
+    (seconds,) = timed([lambda _: a @ b], a, repeats=10, warmup=3, device=device)
     return 2 * n**3 / seconds / 1e9
 
 
@@ -127,8 +128,7 @@ def main() -> None:
 
     with torch.inference_mode():
         diff = (ours(x).float() - ref(x).float()).abs().max().item()
-    t_ref = timed(ref, x, args.repeats, args.warmup, device) / args.batch
-    t_ours = timed(ours, x, args.repeats, args.warmup, device) / args.batch
+    t_ref, t_ours = (t / args.batch for t in timed([ref, ours], x, args.repeats, args.warmup, device))
     flops = count_flops(cfg, args.frames)
     peak = matmul_peak(device, dtype)
     print(
