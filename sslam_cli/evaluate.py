@@ -1,0 +1,274 @@
+"""`sslam eval`: score a fine-tuned checkpoint on a labelled set (or re-score saved predictions)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from sslam_cli.common import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    check_precision,
+    err_console,
+    fail,
+    parse_norm,
+    pick_device,
+    warn,
+    write_text_atomic,
+)
+
+
+def evaluate(
+    checkpoint: str = typer.Option(
+        None, "--checkpoint", "-c", help="Fine-tuned checkpoint or fine-tuning run folder."
+    ),
+    data: str = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Test set: folder with labels.csv, ESC-50 folder, AudioSet segments csv, manifest .tsv/.lbl "
+        "or DCASE strong labels.",
+    ),
+    audio_dir: Path = typer.Option(
+        None, "--audio-dir", help="Where the audio lives, if not beside the labels."
+    ),
+    folds: str = typer.Option(None, "--folds", help="Keep only these folds, e.g. 5 or 4,5 (ESC-50)."),
+    multilabel: bool = typer.Option(
+        None,
+        "--multilabel/--multiclass",
+        help="Force the task kind [default: the checkpoint's, else guessed from the labels].",
+    ),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json (one object)."),
+    per_class_out: Path = typer.Option(
+        None, "--per-class", help="Write per-class name, mid, positives, AP, AUC (worst first) to this CSV."
+    ),
+    by_polyphony: bool = typer.Option(
+        False, "--by-polyphony", help="Also report mAP of clips grouped by number of labels."
+    ),
+    predictions_out: Path = typer.Option(
+        None, "--predictions-out", help="Save scores and targets (.npz or .h5) to re-score later."
+    ),
+    predictions: Path = typer.Option(
+        None, "--predictions", help="Re-score a saved predictions file instead of running a model."
+    ),
+    plot: Path = typer.Option(None, "--plot", help="PNG of per-class AP (needs matplotlib)."),
+    window: float = typer.Option(10.24, help="Window length in seconds (the model's input length)."),
+    hop: float = typer.Option(None, help="Hop between windows in seconds [default: the window]."),
+    target_length: int = typer.Option(
+        None, "--target-length", help="Window length in fbank frames (overrides --window)."
+    ),
+    norm: str = typer.Option(
+        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+) -> None:
+    """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-5 (multi-class), with the windowing
+    of `sslam tag` (a clip's score is the maximum over its windows)."""
+    from sslam_core.evaluation import EvaluationError, Predictions, per_class, per_class_csv, summarize
+
+    if fmt not in ("table", "json"):
+        fail(f"--format {fmt!r}: choose table or json")
+    for out, suffixes in ((predictions_out, (".npz", ".h5", ".hdf5")), (plot, (".png",))):
+        if out is not None and out.suffix.lower() not in suffixes:
+            fail(f"{out}: expected a {' or '.join(suffixes)} file")
+    if predictions is not None:
+        if checkpoint is not None or data is not None:
+            fail("--predictions re-scores a saved file; leave out --checkpoint and --data")
+        try:
+            pred = Predictions.load(predictions)
+        except EvaluationError as e:
+            fail(str(e))
+        if multilabel is not None:
+            pred.multilabel = multilabel
+    else:
+        if checkpoint is None or data is None:
+            fail("pass --checkpoint and --data (or --predictions FILE)")
+        frames = {"window": window, "hop": hop, "target_length": target_length}
+        run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
+        pred = _run_model(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run)
+    try:
+        summary = summarize(pred, by_polyphony=by_polyphony)
+    except EvaluationError as e:
+        fail(str(e))
+    if predictions_out is not None:
+        pred.save(predictions_out)
+    rows = per_class(pred)
+    if per_class_out is not None:
+        write_text_atomic(str(per_class_out), per_class_csv(rows))
+    if plot is not None:
+        from sslam_core.plots import plot_class_ap
+
+        try:
+            plot_class_ap(rows, plot, title=str(predictions or data))
+        except ValueError as e:
+            fail(f"--plot: {e}")
+    if fmt == "json":
+        typer.echo(json.dumps(summary))
+    else:
+        Console().print(_table(summary, rows), end="")
+    if pred.skipped and predictions is not None:
+        err_console.print(f"note: {len(pred.skipped)} file(s) were skipped when these predictions were made")
+    elif pred.skipped:
+        err_console.print(f"evaluated {summary['n_clips']} clip(s), skipped {len(pred.skipped)}")
+        raise typer.Exit(EXIT_SKIPPED)
+    raise typer.Exit(EXIT_OK)
+
+
+def _frames(
+    window: float, hop: float | None, target_length: int | None, default: int | None
+) -> tuple[int, int]:
+    from sslam_core.inference import seconds_to_frames
+
+    try:
+        frames = target_length or default or seconds_to_frames(window)
+        hop_frames = seconds_to_frames(hop) if hop else frames
+    except ValueError as e:
+        fail(str(e))
+    if frames <= 0:
+        fail(f"--target-length must be positive, got {frames}")
+    return frames, hop_frames
+
+
+def _run_model(
+    checkpoint: str,
+    data: str,
+    audio_dir: Path | None,
+    folds: str | None,
+    multilabel: bool | None,
+    norm: str | None,
+    frames: dict,
+    run: dict,
+):
+    """Load the checkpoint and the data set, run the model, report skipped files on stderr."""
+    from sslam_core.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
+    from sslam_core.datasets import DatasetError, read_labelled
+    from sslam_core.evaluation import EvaluationError, class_columns, predict
+    from sslam_core.model import Classifier
+
+    dev = pick_device(run["device"])
+    check_precision(run["precision"], dev)
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt, dev)
+    except CheckpointError as e:
+        fail(str(e))
+    if not isinstance(model, Classifier):
+        fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
+    if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
+        multilabel = ckpt.extra["multilabel"]
+    try:
+        wanted = [int(f) for f in folds.split(",")] if folds else None
+    except ValueError:
+        fail(f"--folds {folds!r}: expected fold numbers such as 5 or 4,5")
+    try:
+        dataset = read_labelled(data, audio_dir=audio_dir, folds=wanted, multilabel=multilabel)
+    except DatasetError as e:
+        fail(str(e))
+    if dataset.missing:
+        naming = f" (audio named {dataset.naming})" if dataset.naming else ""
+        err_console.print(
+            f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}{naming}"
+        )
+    if not dataset.examples:
+        fail(f"{data}: no clips to evaluate")
+    default = _default_length(ckpt, frames["target_length"], frames["window"])
+    length, hop_frames = _frames(frames["window"], frames["hop"], frames["target_length"], default)
+    if not model.labels or len(model.labels) != model.cfg.num_classes:
+        fail(f"{checkpoint}: the model has {model.cfg.num_classes} classes but no class names to match")
+    try:
+        class_columns(model.labels, dataset, checkpoint)
+    except EvaluationError as e:
+        fail(str(e))
+    bar = tqdm(total=len(dataset), unit="clip", disable=len(dataset) < 2, file=err_console.file)
+
+    def progress(error: str | None) -> None:
+        if error is not None:
+            bar.clear()
+            warn(error)
+        bar.update()
+
+    try:
+        pred = predict(
+            model,
+            dataset,
+            multilabel=dataset.multilabel,
+            target_length=length,
+            hop=hop_frames,
+            where=checkpoint,
+            progress=progress,
+            batch_size=run["batch_size"],
+            workers=run["workers"],
+            device=dev,
+            precision=run["precision"],
+            normalization=parse_norm(norm, model.normalization),
+        )
+    except EvaluationError as e:
+        bar.close()
+        fail(str(e))
+    bar.close()
+    return pred
+
+
+def _default_length(ckpt, target_length: int | None, window: float) -> int | None:
+    """The run's own target length (from the checkpoint or the run folder's config.json) when the user
+    kept the default window."""
+    if target_length is not None or window != 10.24:
+        return None
+    value = ckpt.extra.get("target_length")
+    if not isinstance(value, int):
+        config = Path(ckpt.source) / "config.json" if Path(ckpt.source).is_dir() else None
+        try:
+            value = json.loads(config.read_text()).get("target_length") if config else None
+        except (OSError, ValueError, AttributeError):
+            value = None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _table(summary: dict, rows: list[dict]) -> str:
+    out = Console(record=True, width=100, file=io.StringIO())
+    table = Table(title="evaluation", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "mAP" in summary:
+        table.add_row("mAP", _number(summary["mAP"]))
+        table.add_row("d'", _number(summary["d_prime"]))
+        table.add_row("AUC", _number(summary["auc"]))
+        table.add_row("classes scored", str(summary["n_classes_scored"]))
+        table.add_row("classes without positives (left out)", str(summary["n_classes_without_positives"]))
+    else:
+        table.add_row("accuracy", _number(summary["accuracy"]))
+        table.add_row(f"top-{summary['k']}", _number(summary["top5"]))
+        table.add_row("balanced accuracy", _number(summary["balanced_accuracy"]))
+    table.add_row("clips", str(summary["n_clips"]))
+    table.add_row("files skipped", str(summary["n_skipped"]))
+    out.print(table)
+    if "polyphony" in summary:
+        poly = Table(title="by polyphony (labels per clip)", title_justify="left")
+        for name in ("labels", "clips", "classes", "mAP"):
+            poly.add_column(name, justify="right")
+        for name, v in summary["polyphony"].items():
+            poly.add_row(name, str(v["clips"]), str(v["classes"]), _number(v["mAP"]))
+        out.print(poly)
+    worst = [r for r in rows if not math.isnan(r["AP"])][:10]
+    if worst:
+        table = Table(title="worst classes", title_justify="left")
+        for name in ("class", "mid", "positives", "AP", "AUC"):
+            table.add_column(name, justify="left" if name in ("class", "mid") else "right")
+        for r in worst:
+            table.add_row(r["name"], r["mid"], str(r["positives"]), _number(r["AP"]), _number(r["AUC"]))
+        out.print(table)
+    return out.export_text()

@@ -1,0 +1,99 @@
+"""`sslam stats`: fbank mean and std of a data set, to pass as `--norm MEAN,STD`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from sslam_cli.common import EXIT_OK, EXIT_SKIPPED, err_console, fail, pick_device, warn
+
+
+def _audio_paths(data: str, audio_dir: Path | None) -> list[str]:
+    """Audio files of a labelled set, else of a folder, file list or manifest."""
+    from sslam_core.datasets import DatasetError, list_audio, read_labelled
+
+    try:
+        return [e.path for e in read_labelled(data, audio_dir=audio_dir).examples]
+    except DatasetError as labelled_error:
+        try:
+            return list_audio(data, audio_dir=audio_dir)
+        except DatasetError:
+            fail(str(labelled_error))
+
+
+def stats(
+    data: str = typer.Argument(
+        ..., help="A labelled set (as for `sslam eval`), an audio folder, a file list or a manifest."
+    ),
+    audio_dir: Path = typer.Option(
+        None, "--audio-dir", help="Where the audio lives, if not beside the labels."
+    ),
+    target_length: int = typer.Option(
+        None,
+        "--target-length",
+        help="Count only each file's first N frames, as a model input of N frames keeps [default: all].",
+    ),
+    fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+) -> None:
+    """Print the fbank mean and std over all real frames and bins of all files (padding never counts)."""
+    from sslam_core.stats import fbank_stats
+
+    if fmt not in ("table", "json"):
+        fail(f"--format {fmt!r}: choose table or json")
+    if target_length is not None and target_length <= 0:
+        fail(f"--target-length must be positive, got {target_length}")
+    paths = _audio_paths(data, audio_dir)
+    if not paths:
+        fail(f"{data}: no audio files")
+    bar = tqdm(total=len(paths), unit="file", disable=len(paths) < 2, file=err_console.file)
+
+    def progress(error: str | None) -> None:
+        if error is not None:
+            bar.clear()
+            warn(error)
+        bar.update()
+
+    result = fbank_stats(
+        paths,
+        target_length=target_length,
+        batch_size=batch_size,
+        workers=workers,
+        device=pick_device(device),
+        progress=progress,
+    )
+    bar.close()
+    if result.frames == 0:
+        fail(f"{data}: no file could be read")
+    scope = f"first {target_length} frames of each file" if target_length else "all frames of each file"
+    if fmt == "json":
+        obj = {
+            "mean": result.mean,
+            "std": result.std,
+            "norm": result.norm,
+            "frames": result.frames,
+            "files": result.files,
+            "n_skipped": len(result.skipped),
+            "target_length": target_length,
+        }
+        typer.echo(
+            json.dumps(
+                {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+            )
+        )
+    else:
+        typer.echo(f"mean  {result.mean:.6f}")
+        typer.echo(f"std   {result.std:.6f}")
+        typer.echo(
+            f"over  {result.frames} frames x 128 bins of {result.files} file(s) ({scope}; padding excluded)"
+        )
+        typer.echo(f"use   --norm {result.norm}")
+    if result.skipped:
+        err_console.print(f"read {result.files} file(s), skipped {len(result.skipped)}")
+    raise typer.Exit(EXIT_SKIPPED if result.skipped else EXIT_OK)
