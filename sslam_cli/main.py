@@ -24,3 +24,13 @@ app.command("convert")(_convert.convert)
 from sslam_cli import pack as _pack  # noqa: E402
 
 app.command("pack")(_pack.pack)
+from sslam_cli import evaluate as _evaluate  # noqa: E402
+from sslam_cli import plot as _plot  # noqa: E402
+from sslam_cli import stats as _stats  # noqa: E402
+
+app.command("eval")(_evaluate.evaluate)
+app.command("stats")(_stats.stats)
+app.command("plot")(_plot.plot)
+from sslam_cli import pretrain as _pretrain  # noqa: E402
+
+app.command("pretrain")(_pretrain.pretrain)
