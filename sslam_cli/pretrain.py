@@ -1,0 +1,133 @@
+"""`sslam pretrain`: EAT stage 1 or SSLAM stage 2 pre-training, on one device or under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from sslam_cli.common import fail, warn
+
+Opt = typer.Option
+
+
+def pretrain(
+    data: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Unlabelled audio: files, folders, path lists, fairseq .tsv or `sslam pack` folders."
+        ),
+    ] = None,
+    out: Annotated[
+        str, Opt("-o", "--out", help="Run folder (model.safetensors, state.pt, config.json).")
+    ] = "",
+    stage: Annotated[
+        str | None, Opt("--stage", help="eat (stage 1) or sslam (stage 2: mixtures + SRL).")
+    ] = None,
+    model: Annotated[str | None, Opt("--model", help="Preset: base, large, small, tiny [base].")] = None,
+    steps: Annotated[
+        int | None, Opt("--steps", help="Updates [eat 400k, sslam 200k]; 0 = write the init.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, Opt("--batch-size", "-b", help="Clips per device per step [12].")
+    ] = None,
+    target_length: Annotated[int | None, Opt("--target-length", help="Frames per crop, x16 [1024].")] = None,
+    init: Annotated[
+        str | None, Opt("--init", help="Start from a checkpoint (fairseq, HF, ours, run dir).")
+    ] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its state.pt.")] = False,
+    stop_at: Annotated[
+        int | None,
+        Opt("--stop-at", help="Save and exit at this step (split a run over jobs; then --resume)."),
+    ] = None,
+    seed: Annotated[int | None, Opt("--seed")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Peak learning rate [eat 5e-4, sslam 5e-5].")] = None,
+    warmup: Annotated[
+        int | None, Opt("--warmup", help="Warm-up updates [same fraction as the release].")
+    ] = None,
+    clone_batch: Annotated[int | None, Opt("--clone-batch", help="Masked copies per clip [16 / 8].")] = None,
+    window: Annotated[int | None, Opt("--window", help="Clean window frames (sslam) [240 per 1024].")] = None,
+    num_windows: Annotated[
+        int | None, Opt("--num-windows", help="Clean windows per step (sslam) [2].")
+    ] = None,
+    ema_decay: Annotated[float | None, Opt("--ema-decay", help="Teacher decay at step 0 [0.9998].")] = None,
+    ema_end_decay: Annotated[
+        float | None, Opt("--ema-end-decay", help="Final teacher decay [0.99999].")
+    ] = None,
+    ema_anneal_end_step: Annotated[
+        int | None, Opt("--ema-anneal-end-step", help="[25% / 50% of steps]")
+    ] = None,
+    grad_accum: Annotated[int | None, Opt("--grad-accum", help="Micro-batches per update [1].")] = None,
+    precision: Annotated[str | None, Opt("--precision", help="auto, fp32, bf16, fp16 [auto].")] = None,
+    device: Annotated[str | None, Opt("--device", help="auto, cpu, cuda [auto].")] = None,
+    workers: Annotated[int | None, Opt("--workers", "-w", help="Data loader processes per rank [2].")] = None,
+    norm: Annotated[str | None, Opt("--norm", help="audioset, esc50, spc2, spass or MEAN,STD.")] = None,
+    save_every: Annotated[int | None, Opt("--save-every", help="Checkpoint every N updates [1000].")] = None,
+    log_every: Annotated[int | None, Opt("--log-every", help="Log every N updates [10].")] = None,
+    keep_last: Annotated[int | None, Opt("--keep-last", help="Numbered exports to keep [0].")] = None,
+    tensorboard: Annotated[
+        bool | None, Opt("--tensorboard/--no-tensorboard", help="Also log events.")
+    ] = None,
+    config: Annotated[str | None, Opt("--config", help="JSON file of settings (flag names as keys).")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress line.")] = False,
+) -> None:
+    """Pre-train an EAT/SSLAM encoder; under `torchrun --nproc_per_node N` every rank runs this command."""
+    from sslam_core import distributed
+    from sslam_core.audio import AudioError
+    from sslam_core.checkpoints import CheckpointError
+    from sslam_core.datasets import DatasetError
+    from sslam_core.pretraining import (
+        PretrainConfigError,
+        read_config_file,
+        resolve_settings,
+        run_pretraining,
+        saved_settings,
+    )
+    from sslam_core.training_data import PackedDataError
+
+    if not out:
+        fail("-o/--out RUN_DIR is required")
+    parsed_norm = None
+    if norm is not None and "," in norm:
+        try:
+            parsed_norm = [float(v) for v in norm.split(",")]
+        except ValueError:
+            fail(f"--norm {norm!r}: expected a preset name or MEAN,STD")
+    flags = dict(
+        data=data or None, out_dir=out, stage=stage, model=model, init=init, steps=steps,
+        batch_size=batch_size, target_length=target_length, seed=seed, lr=lr, warmup=warmup,
+        clone_batch=clone_batch, window=window, num_windows=num_windows, ema_decay=ema_decay,
+        ema_end_decay=ema_end_decay, ema_anneal_end_step=ema_anneal_end_step, grad_accum=grad_accum,
+        precision=precision, device=device, workers=workers, norm=parsed_norm or norm,
+        save_every=save_every, log_every=log_every, keep_last=keep_last, tensorboard=tensorboard,
+    )  # fmt: skip
+    try:
+        previous = saved_settings(out) if resume else {}
+        from_file = read_config_file(config) if config else {}
+        settings = resolve_settings(previous, from_file, flags)
+        summary = run_pretraining(settings, resume=resume, progress=not quiet, stop_at=stop_at)
+        rank = distributed.get_rank()
+    except (PretrainConfigError, CheckpointError, DatasetError, PackedDataError, AudioError, ValueError) as e:
+        distributed.cleanup()
+        fail(str(e))
+    distributed.cleanup()
+    if rank != 0:
+        return
+    for path, reason in sorted(summary["skipped"].items()):
+        warn(f"{path}: {reason}")
+    last = summary["last"]
+    report = {
+        "stage": settings.stage,
+        "steps": summary["steps"],
+        "steps_this_run": summary["steps_this_run"],
+        "seconds": summary["seconds"],
+        "clips": summary["clips"],
+        "unreadable_skipped": len(summary["skipped"]),
+        "clips_per_s": round(last.get("clips_per_s", 0.0), 2),
+        "loss": last.get("loss"),
+        "ranks_in_sync": len(set(summary["rank_checksums"])) == 1,
+        "rank_checksums": summary["rank_checksums"],
+        "model": summary["model"],
+    }
+    typer.echo(json.dumps(report))
