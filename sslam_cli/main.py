@@ -34,3 +34,6 @@ app.command("plot")(_plot.plot)
 from sslam_cli import pretrain as _pretrain  # noqa: E402
 
 app.command("pretrain")(_pretrain.pretrain)
+from sslam_cli import finetune as _finetune  # noqa: E402
+
+app.command("finetune")(_finetune.finetune)

@@ -378,6 +378,7 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") 
     model.labels = ckpt.labels
     model.normalization = ckpt.normalization
     model.checkpoint_info = ckpt.info
+    model.multilabel = bool(ckpt.extra.get("multilabel", True))  # fine-tuned heads record it
     return model
 
 

@@ -177,6 +177,7 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")  # k = classes, on purpose
 def test_multiclass_custom_checkpoint_and_corrupt_file(digits_checkpoint, tmp_path):
     """labels.csv by class name, one corrupt file: accuracy / top-k equal sklearn, the file is skipped."""
     for name in ("train_00000", "train_00002", "train_00015"):
