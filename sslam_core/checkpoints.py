@@ -105,12 +105,13 @@ def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tenso
 
 
 def _fp32(tensors: dict[str, Any], where: str) -> dict[str, Tensor]:
-    """Detached, contiguous float32 copies (fp16 training checkpoints are upcast)."""
+    """Detached, contiguous float32 tensors (fp16 training checkpoints are upcast; fp32 ones are not
+    copied, so a ViT-B does not need twice its size in memory while loading)."""
     out = {}
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise CheckpointError(f"{where}: entry {name!r} is {type(t).__name__}, not a tensor")
-        out[name] = t.detach().to(torch.float32, copy=True).contiguous()
+        out[name] = t.detach().to(torch.float32).contiguous()
     return out
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from sslam_core.audio import AudioError, resample, stream_audio
+from sslam_core.audio import AudioError, audio_info, resample, stream_audio
 from sslam_core.frontend import prepare_input
 from sslam_core.model import Classifier
 
@@ -62,12 +62,16 @@ class Window:
 
 @dataclass
 class FileWindows:
-    """A decoded file cut into windows."""
+    """A file being cut into windows. `windows` is a list for files decoded ahead by a worker, or
+    a generator for long files streamed in place; `samples` is known once it is exhausted."""
 
     path: str
-    duration: float
-    frames: int
-    windows: list[Window]
+    windows: Iterable[Window]
+    samples: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.samples / SAMPLE_RATE
 
 
 @dataclass
@@ -86,6 +90,7 @@ class FileResult:
 
 
 Source = str | tuple[Tensor, int]  # a file path, or an in-memory (wave, sample_rate)
+STREAM_SECONDS = 300.0  # files longer than this are cut while decoding, not decoded ahead
 
 
 def source_name(source: Source, i: int) -> str:
@@ -104,41 +109,52 @@ def _blocks(source: Source, block_seconds: float) -> Iterable[Tensor]:
     return [resample(wave, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wave]
 
 
-def cut_windows(source: Source, file: int, window: int, hop: int, block_seconds: float = 60.0) -> FileWindows:
-    """Decode `source` as a stream and cut it into windows of `window` frames every `hop` frames.
+def _window_stream(
+    source: Source, file: int, window: int, hop: int, out: FileWindows, block_seconds: float
+) -> Iterator[Window]:
+    """Decode `source` block by block and yield its windows of `window` frames every `hop` frames.
 
-    Memory holds the 16 kHz windows, never the file at its original rate.
+    Only the samples of windows not yet emitted are held, never the file at its original rate.
     """
-    path = source_name(source, file)
     span, step = window_samples(window), hop * HOP_SAMPLES
-    buffer, offset, total = torch.zeros(0), 0, 0  # buffer[0] is sample `offset` of the file
-    windows: list[Window] = []
+    buffer, offset, total, count = torch.zeros(0), 0, 0, 0  # buffer[0] is sample `offset`
 
-    def emit(upto: int, final: bool) -> None:
-        nonlocal buffer, offset
+    def emit(final: bool) -> Iterator[Window]:
+        nonlocal buffer, offset, count
         while True:
-            start = len(windows) * step
-            if start + span > upto and not final:
+            start = count * step
+            if not final and start + span > total:
                 break
-            if final and len(windows) >= num_windows(num_frames(upto), window, hop):
+            if final and count >= num_windows(num_frames(total), window, hop):
                 break
-            seg = buffer[start - offset : start - offset + span].clone()
-            windows.append(Window(file, len(windows), start // HOP_SAMPLES, seg))
-        keep_from = len(windows) * step
-        if keep_from > offset:
-            buffer = buffer[keep_from - offset :]
-            offset = keep_from
+            yield Window(
+                file, count, start // HOP_SAMPLES, buffer[start - offset : start - offset + span].clone()
+            )
+            count += 1
+        if count * step > offset:
+            buffer = buffer[count * step - offset :]
+            offset = count * step
 
     for block in _blocks(source, block_seconds):
         buffer = torch.cat([buffer, block.float()])
         total += len(block)
-        emit(total, final=False)
+        yield from emit(final=False)
     if total == 0:
-        raise AudioError(f"{path}: no audio samples")
+        raise AudioError(f"{out.path}: no audio samples")
     if total < FRAME_SAMPLES:
-        raise AudioError(f"{path}: too short ({total} samples at 16 kHz, the minimum is 400 = 25 ms)")
-    emit(total, final=True)
-    return FileWindows(path, total / SAMPLE_RATE, num_frames(total), windows)
+        raise AudioError(f"{out.path}: too short ({total} samples at 16 kHz, the minimum is 400 = 25 ms)")
+    out.samples = total
+    yield from emit(final=True)
+
+
+def cut_windows(
+    source: Source, file: int, window: int, hop: int, lazy: bool = False, block_seconds: float = 60.0
+) -> FileWindows:
+    """Cut `source` into windows: all at once (a list), or `lazy`ly while decoding (a generator)."""
+    out = FileWindows(source_name(source, file), [])
+    stream = _window_stream(source, file, window, hop, out, block_seconds)
+    out.windows = stream if lazy else list(stream)
+    return out
 
 
 def autocast(device: torch.device, precision: str):
@@ -149,33 +165,50 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _decoded(
-    paths: list[Source], window: int, hop: int, workers: int
-) -> Iterator[tuple[int, FileWindows | FileResult]]:
-    """Decode files in order with up to `workers` threads ahead; errors become FileResults."""
+def _error(name: str, e: Exception) -> FileResult:
+    if isinstance(e, AudioError):
+        msg = str(e)
+        return FileResult(name, error=msg if name in msg else f"{name}: {msg}")
+    return FileResult(name, error=f"{name}: {type(e).__name__}: {e}")
 
-    def job(i: int) -> tuple[int, FileWindows | FileResult]:
-        name = source_name(paths[i], i)
+
+DECODE_ERRORS = (AudioError, OSError, RuntimeError, ValueError)
+
+
+def _is_long(source: Source) -> bool:
+    if not isinstance(source, str):
+        return False
+    try:
+        return audio_info(source)[3] > STREAM_SECONDS
+    except DECODE_ERRORS:
+        return False  # decoding will report the problem
+
+
+def _decoded(
+    sources: list[Source], window: int, hop: int, workers: int
+) -> Iterator[tuple[int, FileWindows | FileResult]]:
+    """Files in order, decoded up to 2 x `workers` files ahead by threads (long files are streamed
+    lazily by the consumer instead); decoding errors become FileResults."""
+
+    def job(i: int) -> FileWindows | FileResult:
         try:
-            return i, cut_windows(paths[i], i, window, hop)
-        except AudioError as e:
-            msg = str(e)
-            return i, FileResult(name, error=msg if name in msg else f"{name}: {msg}")
-        except (OSError, RuntimeError, ValueError) as e:
-            return i, FileResult(name, error=f"{name}: {type(e).__name__}: {e}")
+            return cut_windows(sources[i], i, window, hop, lazy=_is_long(sources[i]))
+        except DECODE_ERRORS as e:
+            return _error(source_name(sources[i], i), e)
 
     if workers <= 1:
-        for i in range(len(paths)):
-            yield job(i)
+        for i in range(len(sources)):
+            yield i, job(i)
         return
     with ThreadPoolExecutor(workers) as pool:
-        pending: list[Future] = []
+        pending: list[tuple[int, Future]] = []
         nxt = 0
-        while nxt < len(paths) or pending:
-            while nxt < len(paths) and len(pending) < 2 * workers:
-                pending.append(pool.submit(job, nxt))
+        while nxt < len(sources) or pending:
+            while nxt < len(sources) and len(pending) < 2 * workers:
+                pending.append((nxt, pool.submit(job, nxt)))
                 nxt += 1
-            yield pending.pop(0).result()
+            i, fut = pending.pop(0)
+            yield i, fut.result()
 
 
 Head = Callable[[Tensor], dict[str, Tensor]]
@@ -183,7 +216,7 @@ Head = Callable[[Tensor], dict[str, Tensor]]
 
 def run_windows(
     model: nn.Module,
-    paths: Iterable[Source],
+    sources: Iterable[Source],
     head: Head,
     *,
     target_length: int = 1024,
@@ -194,48 +227,56 @@ def run_windows(
     precision: str = "fp32",
     normalization: str | tuple[float, float] = "audioset",
 ) -> Iterator[FileResult]:
-    """Run `model` over every window of every file; `head(input)` maps a (B,1,T,128) batch to named
-    per-window outputs (B, ...). Yields one FileResult per path, in order."""
+    """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
+    per-window outputs (B, ...). Yields one FileResult per source, in order."""
     device = torch.device(device)
-    paths = list(paths)
+    sources = list(sources)
     hop = hop or target_length
-    ready: dict[int, FileResult] = {}
-    todo: dict[int, int] = {}  # file index -> windows not yet encoded
+    results: dict[int, FileResult] = {}
+    pending: dict[int, int] = {}  # file -> windows queued but not yet encoded
+    decoding: set[int] = set()  # files whose windows are still being cut
     queue: list[Window] = []
     next_out = 0
 
     def flush() -> None:
-        waves = [w.wave for w in queue]
-        x = prepare_input([w.to(device) for w in waves], target_length=target_length, norm=normalization)
+        x = prepare_input([w.wave.to(device) for w in queue], target_length=target_length, norm=normalization)
         with torch.inference_mode(), autocast(device, precision):
             out = head(x)
         for j, w in enumerate(queue):
-            res = ready[w.file]
             for name, value in out.items():
-                res.outputs.setdefault(name, []).append(value[j].float().cpu())
-            todo[w.file] -= 1
+                results[w.file].outputs.setdefault(name, []).append(value[j].float().cpu())
+            pending[w.file] -= 1
         queue.clear()
 
     def finished() -> Iterator[FileResult]:
         nonlocal next_out
-        while next_out in ready and todo.get(next_out, 0) == 0:
-            yield ready.pop(next_out)
-            todo.pop(next_out, None)
+        while next_out in results and next_out not in decoding and not pending.get(next_out):
+            pending.pop(next_out, None)
+            yield results.pop(next_out)
             next_out += 1
 
-    for i, item in _decoded(paths, target_length, hop, workers):
+    for i, item in _decoded(sources, target_length, hop, workers):
         if isinstance(item, FileResult):
-            ready[i] = item
-        else:
-            ready[i] = FileResult(
-                item.path, item.duration, item.frames, [w.start_frame for w in item.windows]
-            )
-            todo[i] = len(item.windows)
+            results[i] = item
+            yield from finished()
+            continue
+        res = results[i] = FileResult(item.path)
+        decoding.add(i)
+        pending[i] = 0
+        try:
             for w in item.windows:
+                res.starts.append(w.start_frame)
                 queue.append(w)
+                pending[i] += 1
                 if len(queue) == batch_size:
                     flush()
                     yield from finished()
+        except DECODE_ERRORS as e:  # a streamed file broke part-way: drop what it queued
+            queue[:] = [w for w in queue if w.file != i]
+            results[i], pending[i] = _error(item.path, e), 0
+        else:
+            res.duration, res.frames = item.duration, num_frames(item.samples)
+        decoding.discard(i)
         yield from finished()
     if queue:
         flush()

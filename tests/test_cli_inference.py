@@ -232,3 +232,17 @@ def test_hear_api_and_python_api():
     assert fb.shape == (1, 998, 128)
     feats = sslam_core.load_model(PRETRAIN)(torch.from_numpy(EXPECTED["x1024"]))
     np.testing.assert_allclose(feats.detach().numpy(), EXPECTED["pre_all_1024"], atol=1e-4)
+
+
+def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
+    from sslam_core import inference
+    from sslam_core.checkpoints import load_model
+    from sslam_core.embeddings import embed
+
+    model = load_model(PRETRAIN)
+    eager = next(embed(model, [str(long_wav)], granularity="all", batch_size=2))
+    monkeypatch.setattr(inference, "STREAM_SECONDS", 1.0)
+    lazy = next(embed(model, [str(long_wav), str(CLIP)], granularity="all", batch_size=2, workers=1))
+    assert lazy.duration == eager.duration
+    for name in ("clip", "patch", "frame", "frame_times"):
+        np.testing.assert_array_equal(getattr(lazy, name), getattr(eager, name))
