@@ -98,7 +98,7 @@ def extract_to_h5(
     results = run_windows(
         model,
         [s for s, _ in todo],
-        feature_head(model, layer),
+        feature_head(model, layer, keep),
         target_length=target_length,
         hop=hop,
         **run_options,
@@ -126,7 +126,7 @@ def embed(
     keep = granularities(granularity)
     hop = hop or target_length
     results = run_windows(
-        model, sources, feature_head(model, layer), target_length=target_length, hop=hop, **run_options
+        model, sources, feature_head(model, layer, keep), target_length=target_length, hop=hop, **run_options
     )
     for res in results:
         yield to_record(res, res.path, target_length, hop, keep)

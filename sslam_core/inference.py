@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sslam_core.audio import AudioError, audio_info, resample, stream_audio
 from sslam_core.frontend import prepare_input
-from sslam_core.model import Classifier
+from sslam_core.model import FREQ_PATCHES, Classifier
 
 SAMPLE_RATE = 16000
 HOP_SAMPLES = 160  # 10 ms frame shift
@@ -283,16 +283,21 @@ def run_windows(
     yield from finished()
 
 
-def feature_head(model: nn.Module, layer: int | None = None) -> Head:
-    """Per-window CLS, patch and per-160-ms-step features of block `layer`."""
+def feature_head(
+    model: nn.Module, layer: int | None = None, keep: tuple[str, ...] = ("clip", "frame", "patch")
+) -> Head:
+    """Per-window CLS ("clip"), patch tokens ("patch") and per-160-ms-step means of the frequency
+    patches ("frame") of block `layer`; only the outputs named in `keep` are returned."""
     encode = model.features if isinstance(model, Classifier) else model
 
     def head(x: Tensor) -> dict[str, Tensor]:
         feats = encode(x, layer)
         patches = feats[:, 1:]
         B, N, D = patches.shape
-        frames = patches.reshape(B, N // 8, 8, D).mean(dim=2)
-        return {"clip": feats[:, 0], "patch": patches, "frame": frames}
+        out = {"clip": feats[:, 0], "patch": patches}
+        if "frame" in keep:
+            out["frame"] = patches.reshape(B, N // FREQ_PATCHES, FREQ_PATCHES, D).mean(dim=2)
+        return {k: v for k, v in out.items() if k in keep}
 
     return head
 
