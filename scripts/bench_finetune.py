@@ -53,7 +53,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up
     times = []
