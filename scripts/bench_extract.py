@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
 from bench_encoder import RefEncoder
+
 from sslam_core.audio import resample
 from sslam_core.checkpoints import save_checkpoint
 from sslam_core.embeddings import embed
@@ -123,12 +123,20 @@ def main() -> None:
             "max_abs_diff": diff,
         }
         print(f"per-file loop (batch 1, explicit attention): {args.clips / t_ref:.3f} clips/s")
-        print(f"sslam pipeline (batch {args.batch_size}, {args.workers} workers): {args.clips / t_ours:.3f} clips/s")
+        print(
+            f"sslam pipeline (batch {args.batch_size}, {args.workers} workers): "
+            f"{args.clips / t_ours:.3f} clips/s"
+        )
         print(f"speed-up {t_ref / t_ours:.2f}x (target >= 1.5x), max abs diff of clip vectors {diff:.1e}")
         if args.hours > 0:
             mb, secs = peak_memory_mb(args.hours, ckpt, tmp)
-            result.update(peak_rss_mb=round(mb, 1), long_file_hours=args.hours, long_file_seconds=round(secs, 1))
-            print(f"peak memory of sslam extract on a {args.hours} h 48 kHz stereo file: {mb:.0f} MB (target <= 1536)")
+            result.update(
+                peak_rss_mb=round(mb, 1), long_file_hours=args.hours, long_file_seconds=round(secs, 1)
+            )
+            print(
+                f"peak memory of sslam extract on a {args.hours} h 48 kHz stereo file: {mb:.0f} MB "
+                "(target <= 1536)"
+            )
         print(json.dumps(result))
 
 
