@@ -1,0 +1,149 @@
+"""CPU pre-training speed: our batched on-device fbank vs the official per-clip fbank, both stages.
+
+    python scripts/bench_pretrain.py [--model tiny] [--steps 6] [--batch-size 8] [--target-length 512]
+
+Both pipelines run the same `PretrainTask` through the real trainer on the same synthetic clips
+(10 s of noise and tones, no files): ours (`AudioBatches`) turns a batch of raw waves into log-mel
+input with one batched fbank call on the training device; the official pipeline computes each clip's
+fbank on its own in the data loader and stacks the results. After one untimed run, runs alternate
+between the pipelines and the median of `--repeats` is kept. Prints steps/s and clips/s per stage and
+pipeline, the ratio (ours / official; must be >= 1 within noise) and the data-only cost per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from sslam_core.frontend import prepare_input
+from sslam_core.model import preset
+from sslam_core.objective import PretrainingModel
+from sslam_core.pretraining import PretrainTask, objective_config, resolve_settings, train_config
+from sslam_core.trainer import train
+from sslam_core.training_data import AudioBatches, ClipDataset, crop_samples, crop_start, shard_indices
+
+
+class SyntheticClips(ClipDataset):
+    """Seeded 10 s clips of noise plus a tone, randomly cropped like decoded files."""
+
+    def __init__(self, count: int, target_length: int, seconds: float = 10.0):
+        self.count, self.samples = count, int(seconds * 16000)
+        super().__init__(target_length, random_crop=True, labels=None)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def path(self, index: int) -> str:
+        return f"synthetic-{index}"
+
+    def read(self, index: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(index)
+        t = torch.arange(self.samples) / 16000
+        wave = 0.1 * torch.randn(self.samples, generator=g) + 0.3 * torch.sin(
+            2 * torch.pi * (200 + index) * t
+        )
+        wanted = crop_samples(self.target_length)
+        start = crop_start(self.samples, wanted, seed, index)
+        return wave[start : start + wanted].clone()
+
+
+class PerClipBatches(AudioBatches):
+    """The official pipeline: each clip's fbank computed alone in the data loader, then stacked."""
+
+    def __call__(self, epoch_seed: int, rank: int, world_size: int, start_position: int):
+        order = shard_indices(len(self.dataset), epoch_seed, rank, world_size, self.shuffle)
+        count = len(order) // self.batch_size
+        plan = [
+            [(i, epoch_seed) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            for b in range(start_position, count)
+        ]
+        T, norm = self.dataset.target_length, self.norm
+
+        def collate(items: list[dict]) -> torch.Tensor:
+            return torch.cat([prepare_input([item["wave"]], target_length=T, norm=norm) for item in items])
+
+        loader = DataLoader(
+            self.dataset, batch_sampler=plan, num_workers=self.num_workers, collate_fn=collate
+        )
+        for source in loader:
+            yield {"source": source.to(self.device)}
+
+
+def run(stage: str, pipeline: str, args) -> float:
+    """Seconds for `args.steps` updates of one stage with one pipeline (data included)."""
+    settings = resolve_settings(
+        {
+            "stage": stage,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "target_length": args.target_length,
+            "clone_batch": args.clone_batch,
+            "device": "cpu",
+            "workers": args.workers,
+        }
+    )
+    dataset = SyntheticClips(args.batch_size * (args.steps + 1), args.target_length)
+    kind = AudioBatches if pipeline == "ours" else PerClipBatches
+    batches = kind(dataset, args.batch_size, num_workers=args.workers)
+    torch.manual_seed(0)
+    task = PretrainTask(PretrainingModel(preset(args.model), objective_config(settings)), batches, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = train_config(settings, torch.device("cpu"))
+        config.out_dir, config.progress, config.save_every = tmp, False, 10**9
+        start = time.perf_counter()
+        train(task, config)
+        return time.perf_counter() - start
+
+
+def data_only(pipeline: str, args, batches: int = 5) -> float:
+    """Milliseconds per batch of the data path alone (decode stand-in, fbank, stacking)."""
+    dataset = SyntheticClips(args.batch_size * batches, args.target_length)
+    kind = AudioBatches if pipeline == "ours" else PerClipBatches
+    stream = kind(dataset, args.batch_size, num_workers=0)
+    start = time.perf_counter()
+    n = sum(1 for _ in stream(1, 0, 1, 0))
+    return 1000 * (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clone-batch", type=int, default=4)
+    p.add_argument("--target-length", type=int, default=512)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict = {"config": vars(args)}
+    for stage in ("eat", "sslam"):
+        times: dict[str, list[float]] = {"ours": [], "official": []}
+        run(stage, "official", args)  # untimed: first-call costs (allocator, kernels) hit neither pipeline
+        for _ in range(args.repeats):
+            for pipeline in ("ours", "official"):
+                times[pipeline].append(run(stage, pipeline, args))
+        row = {}
+        for pipeline, values in times.items():
+            seconds = statistics.median(values)
+            row[pipeline] = {
+                "steps_per_s": round(args.steps / seconds, 3),
+                "clips_per_s": round(args.steps * args.batch_size / seconds, 2),
+            }
+        row["ratio_ours_over_official"] = round(
+            row["ours"]["clips_per_s"] / row["official"]["clips_per_s"], 3
+        )
+        result[stage] = row
+    result["data_ms_per_batch"] = {p: round(data_only(p, args), 1) for p in ("ours", "official")}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Does pre-training learn? Pre-train a small model on unlabelled FSDD speech, then linear-probe frozen CLS.
+
+    python scripts/learning_check.py /work/shared/data [--work DIR] [--steps 300] [--model tiny]
+
+Three encoders, each through the project's own commands (`sslam pretrain`, `sslam finetune --linear`,
+`sslam eval`): random init (`--steps 0`), EAT stage 1 for `--steps`, and stage 1 for half the steps
+followed by SSLAM stage 2 for the other half (same total updates). Probes: FSDD digit accuracy on the
+official test split (index 0-4) after training on the train split (index 5-49), and mAP on
+polydigits/test after training on polydigits/train. Prints one JSON object; pre-training must beat
+random init by at least 15 accuracy points on digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARGIN = 15.0
+
+
+def sslam(*args: str) -> str:
+    """Run one `sslam` command; stdout on success, the tail of stderr in the error otherwise."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "sslam_cli", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sslam {' '.join(args[:1])} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def fsdd_splits(data_root: Path, work: Path) -> dict[str, Path]:
+    """labels.csv folders for the FSDD train/test splits (absolute paths) and a list of train audio."""
+    rows = list(csv.DictReader(open(data_root / "fsdd" / "metadata.csv")))
+    out = {}
+    for split in ("train", "test"):
+        folder = work / f"fsdd_{split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "labels.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filename", "labels"])
+            for r in rows:
+                if r["split"] == split:
+                    writer.writerow([str(data_root / "fsdd" / "recordings" / r["filename"]), r["digit"]])
+        out[split] = folder
+    audio = work / "fsdd_train_audio.txt"
+    audio.write_text("".join(f"{data_root / 'fsdd' / 'recordings' / r['filename']}\n" for r in rows
+                             if r["split"] == "train"))  # fmt: skip
+    out["audio"] = audio
+    return out
+
+
+def pretrain(run: Path, data: Path, stage: str, steps: int, args, init: Path | None = None) -> dict:
+    cmd = [str(data), "-o", str(run), "--stage", stage, "--steps", str(steps), "--seed", str(args.seed)]
+    cmd += ["--batch-size", str(args.batch_size), "--target-length", str(args.target_length)]
+    cmd += ["--clone-batch", str(args.clone_batch), "--ema-decay", str(args.ema_decay)]
+    cmd += ["--ema-end-decay", str(args.ema_end_decay), "--device", "cpu", "--workers", "1", "-q"]
+    cmd += ["--log-every", "25", "--save-every", str(max(steps, 1))]
+    cmd += ["--init", str(init)] if init else ["--model", args.model]
+    if stage == "eat":
+        cmd += ["--lr", str(args.lr)]
+    else:
+        cmd += ["--lr", str(args.lr * args.stage2_lr_scale)]
+    return json.loads(sslam("pretrain", *cmd).strip().splitlines()[-1])
+
+
+def probe(run: Path, train: Path, test: Path, target_length: int, work: Path, seed: int) -> dict:
+    """Linear probe on frozen CLS features; the test metrics from `sslam eval`."""
+    out = work / f"probe_{run.name}_{train.parent.name}_{train.name}"
+    sslam("finetune", "--data", str(train), "--checkpoint", str(run), "-o", str(out), "--linear",
+          "--target-length", str(target_length), "--device", "cpu", "--seed", str(seed),
+          "--precision", "fp32")  # fmt: skip
+    text = sslam("eval", "--checkpoint", str(out), "--data", str(test), "--format", "json",
+                 "--target-length", str(target_length), "--device", "cpu")  # fmt: skip
+    return json.loads(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data_root", type=Path)
+    p.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temporary folder)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--steps", type=int, default=300, help="total pre-training updates per encoder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--clone-batch", type=int, default=4)
+    p.add_argument("--target-length", type=int, default=128, help="pre-training / FSDD probe frames")
+    p.add_argument("--poly-length", type=int, default=208, help="polydigits probe frames (2 s clips)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--stage2-lr-scale", type=float, default=0.5, help="stage 2 lr = lr x this")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--ema-end-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="sslam-learning-"))
+    work.mkdir(parents=True, exist_ok=True)
+    splits = fsdd_splits(args.data_root, work)
+    poly = args.data_root / "polydigits"
+    start = time.perf_counter()
+    runs = {"random": work / "random", "eat": work / "eat", "eat+sslam": work / "eat_sslam"}
+    timing = {}
+    t = time.perf_counter()
+    pretrain(runs["random"], splits["audio"], "eat", 0, args)
+    half = args.steps // 2
+    pretrain(runs["eat"], splits["audio"], "eat", args.steps, args)
+    timing["eat_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    pretrain(work / "eat_half", splits["audio"], "eat", half, args)
+    pretrain(runs["eat+sslam"], splits["audio"], "sslam", args.steps - half, args, init=work / "eat_half")
+    timing["eat+sslam_s"] = round(time.perf_counter() - t, 1)
+
+    results = {}
+    for name, run in runs.items():
+        digits = probe(run, splits["train"], splits["test"], args.target_length, work, args.seed)
+        poly_scores = probe(run, poly / "train", poly / "test", args.poly_length, work, args.seed)
+        results[name] = {
+            "fsdd_accuracy": round(100 * digits["accuracy"], 2),
+            "polydigits_mAP": round(100 * poly_scores["mAP"], 2),
+        }
+    margin = min(results["eat"]["fsdd_accuracy"], results["eat+sslam"]["fsdd_accuracy"])
+    margin -= results["random"]["fsdd_accuracy"]
+    report = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+        "pretraining_margin_points": round(margin, 2),
+        "passes": margin >= MARGIN,
+        "stage2_improves_polyphonic_probe": results["eat+sslam"]["polydigits_mAP"]
+        > results["eat"]["polydigits_mAP"],
+        "seconds": {**timing, "total": round(time.perf_counter() - start, 1)},
+        "work": str(work),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
