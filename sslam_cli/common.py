@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import torch
 import typer
 from rich.console import Console
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Options shared by the commands that run a model over audio files.
+Window = Annotated[
+    float | None,
+    typer.Option(help="Window length in seconds [default: the model's training length, else 10.24]."),
+]
+Hop = Annotated[float | None, typer.Option(help="Hop between windows in seconds [default: the window].")]
+Norm = Annotated[
+    str | None,
+    typer.Option(help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.")]
+Workers = Annotated[int, typer.Option("--workers", "-w", help="Threads decoding audio ahead of the model.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
+Precision = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
@@ -57,6 +72,16 @@ def parse_norm(norm: str | None, default) -> str | tuple[float, float]:
             fail(f"--norm {norm!r}: expected a preset name or MEAN,STD")
         return mean, std
     return norm
+
+
+def frames_or_fail(model, window: float | None, hop: float | None, target_length: int | None = None):
+    """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line."""
+    from sslam_core.inference import resolve_window
+
+    try:
+        return resolve_window(model, window, hop, target_length)
+    except ValueError as e:
+        fail(str(e))
 
 
 def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False):

@@ -15,9 +15,17 @@ from tqdm import tqdm
 from sslam_cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
+    BatchSize,
+    Device,
+    Hop,
+    Norm,
+    Precision,
+    Window,
+    Workers,
     check_precision,
     err_console,
     fail,
+    frames_or_fail,
     parse_norm,
     pick_device,
     warn,
@@ -59,18 +67,16 @@ def evaluate(
         None, "--predictions", help="Re-score a saved predictions file instead of running a model."
     ),
     plot: Path = typer.Option(None, "--plot", help="PNG of per-class AP (needs matplotlib)."),
-    window: float = typer.Option(10.24, help="Window length in seconds (the model's input length)."),
-    hop: float = typer.Option(None, help="Hop between windows in seconds [default: the window]."),
+    window: Window = None,
+    hop: Hop = None,
     target_length: int = typer.Option(
         None, "--target-length", help="Window length in fbank frames (overrides --window)."
     ),
-    norm: str = typer.Option(
-        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    norm: Norm = None,
+    batch_size: BatchSize = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-5 (multi-class), with the windowing
     of `sslam tag` (a clip's score is the maximum over its windows)."""
@@ -124,21 +130,6 @@ def evaluate(
     raise typer.Exit(EXIT_OK)
 
 
-def _frames(
-    window: float, hop: float | None, target_length: int | None, default: int | None
-) -> tuple[int, int]:
-    from sslam_core.inference import seconds_to_frames
-
-    try:
-        frames = target_length or default or seconds_to_frames(window)
-        hop_frames = seconds_to_frames(hop) if hop else frames
-    except ValueError as e:
-        fail(str(e))
-    if frames <= 0:
-        fail(f"--target-length must be positive, got {frames}")
-    return frames, hop_frames
-
-
 def _run_model(
     checkpoint: str,
     data: str,
@@ -181,8 +172,7 @@ def _run_model(
         )
     if not dataset.examples:
         fail(f"{data}: no clips to evaluate")
-    default = _default_length(ckpt, frames["target_length"], frames["window"])
-    length, hop_frames = _frames(frames["window"], frames["hop"], frames["target_length"], default)
+    length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
     if not model.labels or len(model.labels) != model.cfg.num_classes:
         fail(f"{checkpoint}: the model has {model.cfg.num_classes} classes but no class names to match")
     try:
@@ -217,21 +207,6 @@ def _run_model(
         fail(str(e))
     bar.close()
     return pred
-
-
-def _default_length(ckpt, target_length: int | None, window: float) -> int | None:
-    """The run's own target length (from the checkpoint or the run folder's config.json) when the user
-    kept the default window."""
-    if target_length is not None or window != 10.24:
-        return None
-    value = ckpt.extra.get("target_length")
-    if not isinstance(value, int):
-        config = Path(ckpt.source) / "config.json" if Path(ckpt.source).is_dir() else None
-        try:
-            value = json.loads(config.read_text()).get("target_length") if config else None
-        except (OSError, ValueError, AttributeError):
-            value = None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def _number(value) -> str:

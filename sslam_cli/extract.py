@@ -11,9 +11,16 @@ from tqdm import tqdm
 from sslam_cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
+    BatchSize,
+    Device,
+    Hop,
+    Norm,
+    Precision,
+    Workers,
     check_precision,
     err_console,
     fail,
+    frames_or_fail,
     load_model_or_fail,
     parse_norm,
     pick_device,
@@ -43,18 +50,16 @@ def extract(
         help="Block whose output to take, from 1; negative from the end [default: last].",
     ),
     target_length: int = typer.Option(
-        1024, "--target-length", help="Model input length in frames (multiple of 16)."
+        None,
+        "--target-length",
+        help="Window in frames, a multiple of 16 [default: the model's training length, else 1024].",
     ),
-    hop: float = typer.Option(
-        None, help="Hop between windows in seconds for long files [default: the window]."
-    ),
-    norm: str = typer.Option(
-        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    hop: Hop = None,
+    norm: Norm = None,
+    batch_size: BatchSize = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "fp32",
     resume: bool = typer.Option(
         False, "--resume", help="Finish an interrupted run without redoing finished files."
     ),
@@ -67,15 +72,12 @@ def extract(
     from sslam_core.checkpoints import DEFAULT_ENCODER
     from sslam_core.embeddings import extract_to_h5, granularities
     from sslam_core.feature_store import StoreError
-    from sslam_core.inference import seconds_to_frames
     from sslam_core.inputs import collect_inputs
 
     try:
         granularities(granularity)
     except ValueError as e:
         fail(str(e))
-    if target_length <= 0 or target_length % 16:
-        fail(f"--target-length {target_length}: must be a positive multiple of 16")
     dev = pick_device(device)
     check_precision(precision, dev)
     ckpt = checkpoint or DEFAULT_ENCODER
@@ -85,10 +87,7 @@ def extract(
         encoder.resolve_layer(layer)
     except ValueError as e:
         fail(str(e))
-    try:
-        hop_frames = seconds_to_frames(hop) if hop else target_length
-    except ValueError as e:
-        fail(str(e))
+    target_length, hop_frames = frames_or_fail(model, None, hop, target_length)
     inputs = collect_inputs(paths)
     if not inputs:
         fail("no audio files found in " + ", ".join(paths))

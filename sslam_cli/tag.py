@@ -15,9 +15,17 @@ from tqdm import tqdm
 from sslam_cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
+    BatchSize,
+    Device,
+    Hop,
+    Norm,
+    Precision,
+    Window,
+    Workers,
     check_precision,
     err_console,
     fail,
+    frames_or_fail,
     load_model_or_fail,
     parse_norm,
     pick_device,
@@ -41,8 +49,8 @@ def tag(
     threshold: float = typer.Option(
         None, "--threshold", "-t", help="Only report labels scoring at least this."
     ),
-    window: float = typer.Option(10.24, help="Window length in seconds (the model's input length)."),
-    hop: float = typer.Option(None, help="Hop between windows in seconds [default: the window]."),
+    window: Window = None,
+    hop: Hop = None,
     timeline: bool = typer.Option(False, "--timeline", help="Also report the scores of every window."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json (one object per line) or csv."),
     output: Path = typer.Option(
@@ -52,17 +60,14 @@ def tag(
         None, "--plot", help="PNG heatmap of the top classes over time (needs matplotlib)."
     ),
     labels: Path = typer.Option(None, "--labels", help="CSV of class names for a custom head."),
-    norm: str = typer.Option(
-        None, help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
-    ),
-    batch_size: int = typer.Option(8, "--batch-size", "-b"),
-    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio ahead of the model."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    norm: Norm = None,
+    batch_size: BatchSize = 8,
+    workers: Workers = 2,
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file."""
     from sslam_core.checkpoints import DEFAULT_TAGGER
-    from sslam_core.inference import seconds_to_frames
     from sslam_core.inputs import collect_inputs
     from sslam_core.labels import read_label_csv
     from sslam_core.model import Classifier
@@ -84,11 +89,7 @@ def tag(
     if names is None or len(names) != model.cfg.num_classes:
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
-    try:
-        frames = seconds_to_frames(window)
-        hop_frames = seconds_to_frames(hop) if hop else frames
-    except ValueError as e:
-        fail(str(e))
+    frames, hop_frames = frames_or_fail(model, window, hop)
     inputs = collect_inputs(paths)
     if not inputs:
         fail("no audio files found in " + ", ".join(paths))

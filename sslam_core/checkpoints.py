@@ -380,14 +380,17 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") 
     model.normalization = ckpt.normalization
     model.checkpoint_info = ckpt.info
     model.multilabel = bool(ckpt.extra.get("multilabel", True))  # fine-tuned heads record it
+    length = ckpt.extra.get("target_length")
+    model.target_length = length if isinstance(length, int) and length > 0 else None
     return model
 
 
 def load_model(
     path_or_id: str | os.PathLike, device: str | torch.device = "cpu", teacher: bool = False
 ) -> nn.Module:
-    """An eval-mode Encoder (pre-trained) or Classifier (fine-tuned) with `.labels`, `.normalization`
-    and `.checkpoint_info` (source, sha256, layout)."""
+    """An eval-mode Encoder (pre-trained) or Classifier (fine-tuned) with `.labels`, `.normalization`,
+    `.multilabel`, `.target_length` (the input length it was trained with, if recorded) and
+    `.checkpoint_info` (source, sha256, layout)."""
     return model_from_checkpoint(read_checkpoint(path_or_id, teacher=teacher), device)
 
 

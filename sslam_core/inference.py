@@ -50,6 +50,21 @@ def seconds_to_frames(seconds: float, multiple: int = PATCH_FRAMES) -> int:
     return frames
 
 
+DEFAULT_TARGET_LENGTH = 1024  # 10.24 s, the AudioSet models' input
+
+
+def resolve_window(
+    model: nn.Module, window: float | None = None, hop: float | None = None, target_length: int | None = None
+) -> tuple[int, int]:
+    """(window, hop) in frames: `target_length` frames, else `window` seconds, else the length the
+    model was trained with, else 1024; the hop defaults to the window."""
+    frames = target_length or (seconds_to_frames(window) if window else None)
+    frames = frames or getattr(model, "target_length", None) or DEFAULT_TARGET_LENGTH
+    if frames <= 0 or frames % PATCH_FRAMES:
+        raise ValueError(f"the window must be a positive multiple of {PATCH_FRAMES} frames, got {frames}")
+    return frames, seconds_to_frames(hop) if hop else frames
+
+
 @dataclass
 class Window:
     """One model input cut from a file: its wave and where it starts."""
