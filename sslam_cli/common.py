@@ -84,6 +84,16 @@ def frames_or_fail(model, window: float | None, hop: float | None, target_length
         fail(str(e))
 
 
+def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:
+    """`1,2,3` -> [1, 2, 3] (ESC-50 style folds); None stays None."""
+    if not text:
+        return None
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        fail(f"{flag} {text!r}: expected fold numbers such as 5 or 1,2,3,4")
+
+
 def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False):
     """Load a checkpoint; any problem becomes one line and exit status 2."""
     from sslam_core.checkpoints import CheckpointError, load_model

@@ -26,6 +26,7 @@ from sslam_cli.common import (
     err_console,
     fail,
     frames_or_fail,
+    parse_folds,
     parse_norm,
     pick_device,
     warn,
@@ -157,10 +158,7 @@ def _run_model(
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
         multilabel = ckpt.extra["multilabel"]
-    try:
-        wanted = [int(f) for f in folds.split(",")] if folds else None
-    except ValueError:
-        fail(f"--folds {folds!r}: expected fold numbers such as 5 or 4,5")
+    wanted = parse_folds(folds)
     try:
         dataset = read_labelled(data, audio_dir=audio_dir, folds=wanted, multilabel=multilabel)
     except DatasetError as e:

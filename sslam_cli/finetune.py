@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from sslam_cli.common import check_precision, err_console, fail, parse_norm, pick_device
+from sslam_cli.common import check_precision, err_console, fail, parse_folds, parse_norm, pick_device
 
 
 def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed):
@@ -84,10 +84,8 @@ def finetune(
     audio_dir: str = typer.Option(
         None, "--audio-dir", help="Audio folder for formats that keep it elsewhere."
     ),
-    folds: list[int] = typer.Option(None, "--folds", help="Training folds (ESC-50), repeatable."),
-    valid_folds: list[int] = typer.Option(
-        None, "--valid-folds", help="Validation folds (ESC-50), repeatable."
-    ),
+    folds: str = typer.Option(None, "--folds", help="Training folds (ESC-50), e.g. 1,2,3,4."),
+    valid_folds: str = typer.Option(None, "--valid-folds", help="Validation folds (ESC-50), e.g. 5."),
     precision: str = typer.Option("bf16", help="fp32, bf16 or fp16 (mixed precision on GPU only)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto (torchrun sets the rank's GPU)."),
     workers: int = typer.Option(2, "--workers", "-w", help="Audio decoding workers."),
@@ -121,7 +119,14 @@ def finetune(
         ckpt = read_checkpoint(checkpoint) if checkpoint else None
         model_config = None if ckpt else preset(model)
         train_set, valid_set = _read_sets(
-            data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed
+            data,
+            valid,
+            valid_fraction,
+            audio_dir,
+            parse_folds(folds),
+            parse_folds(valid_folds, "--valid-folds"),
+            multilabel,
+            seed,
         )
         config = FinetuneConfig(
             target_length=target_length,
