@@ -28,6 +28,7 @@ from sslam_core.audio import resample
 from sslam_core.checkpoints import save_checkpoint
 from sslam_core.embeddings import embed
 from sslam_core.frontend import prepare_input
+from sslam_core.inference import default_batching
 from sslam_core.model import Encoder, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +90,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--audio", type=Path, help="folder of real recordings to cut the clips from")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="default: the library's CPU default")
+    parser.add_argument("--workers", type=int, help="default: the library's CPU default")
     parser.add_argument("--hours", type=float, default=1.0, help="length of the memory test file (0 = skip)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    args.batch_size, args.workers = default_batching(torch.device("cpu"), args.batch_size, args.workers)
 
     cfg = preset("base")
     ours = Encoder(cfg).eval()

@@ -21,8 +21,16 @@ Norm = Annotated[
     str | None,
     typer.Option(help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.")]
-Workers = Annotated[int, typer.Option("--workers", "-w", help="Threads decoding audio ahead of the model.")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", help="Windows per forward pass [default: 4 on CPU, 32 on GPU]."),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", "-w", help="Threads decoding audio ahead of the model [default: 1 on CPU, 4 on GPU]."
+    ),
+]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
 Precision = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 

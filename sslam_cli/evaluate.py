@@ -74,8 +74,8 @@ def evaluate(
         None, "--target-length", help="Window length in fbank frames (overrides --window)."
     ),
     norm: Norm = None,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
 ) -> None:

@@ -56,8 +56,8 @@ def extract(
     ),
     hop: Hop = None,
     norm: Norm = None,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
     resume: bool = typer.Option(

@@ -55,7 +55,10 @@ def finetune(
         None, "--model", help="Without --checkpoint: random init of this preset (baselines)."
     ),
     linear: bool = typer.Option(
-        False, "--linear", help="Frozen encoder; train fc_norm + head on the CLS token."
+        False, "--linear", help="Frozen encoder; train fc_norm + head on the pooled features."
+    ),
+    pool: str = typer.Option(
+        None, "--pool", help="Head input: cls (the CLS token) or mean (of the patch tokens) [default: cls]."
     ),
     steps: int = typer.Option(None, "--steps", help="Optimiser updates."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the data [default: 30, linear 50]."),
@@ -132,6 +135,7 @@ def finetune(
             target_length=target_length,
             batch_size=batch_size,
             linear=linear,
+            pool=pool,
             drop_path=drop_path,
             mixup=mixup,
             specaugment=specaugment,

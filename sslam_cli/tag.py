@@ -61,8 +61,8 @@ def tag(
     ),
     labels: Path = typer.Option(None, "--labels", help="CSV of class names for a custom head."),
     norm: Norm = None,
-    batch_size: BatchSize = 8,
-    workers: Workers = 2,
+    batch_size: BatchSize = None,
+    workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
 ) -> None:

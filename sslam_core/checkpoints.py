@@ -231,7 +231,7 @@ def _read_fairseq(path: Path) -> Checkpoint:
         state.update(_fp32({k: weights[k] for k in _HEAD if k in weights}, where))
         heads = model_cfg.get("num_heads") or pretrain_model.get("num_heads")
         eps = model_cfg.get("norm_eps") or pretrain_model.get("norm_eps")
-        config = config_from_state(state, heads, eps)
+        config = replace(config_from_state(state, heads, eps), pool=_pool_from_fairseq(model_cfg, where))
         task_state = obj.get("task_state") if isinstance(obj.get("task_state"), dict) else {}
         labels = _labels_for(config.num_classes, task_state.get("labels"))
         return Checkpoint(
@@ -254,6 +254,19 @@ def _read_fairseq(path: Path) -> Checkpoint:
         extra=_jsonable(extra),
         layout="fairseq",
     )
+
+
+_PREDICTION_MODES = {"CLS_TOKEN": "cls", "MEAN_POOLING": "mean"}
+
+
+def _pool_from_fairseq(model_cfg: dict, where: str) -> str:
+    """The classifier's pooling from fairseq's `prediction_mode` (released models use CLS_TOKEN)."""
+    mode = str(model_cfg.get("prediction_mode") or "CLS_TOKEN").rsplit(".", 1)[-1]
+    if mode not in _PREDICTION_MODES:
+        raise CheckpointError(
+            f"{where}: prediction_mode {mode} is not supported (only CLS_TOKEN, MEAN_POOLING)"
+        )
+    return _PREDICTION_MODES[mode]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -439,6 +452,8 @@ def save_checkpoint(
 def hf_config(ckpt: Checkpoint) -> dict:
     """config.json in the field set of the EAT remote-code models on the Hugging Face Hub."""
     cfg = ckpt.config
+    if cfg.num_classes and cfg.pool != "cls":
+        raise CheckpointError(f"{ckpt.source}: the Hugging Face EAT layout has no mean-pooling classifier")
     return {
         "architectures": ["EATModel"],
         "auto_map": {"AutoConfig": "configuration_eat.EATConfig", "AutoModel": "modeling_eat.EATModel"},
@@ -539,7 +554,7 @@ def fairseq_container(ckpt: Checkpoint) -> dict:
             "_name": "mae_image_classification",
             "num_classes": ckpt.config.num_classes,
             "use_fc_norm": True,
-            "prediction_mode": "CLS_TOKEN",
+            "prediction_mode": {v: k for k, v in _PREDICTION_MODES.items()}[ckpt.config.pool],
             "pretrained_model_args": {"model": pretrain, "task": {"_name": "mae_image_pretraining"}},
         }
         task = {"_name": "mae_image_classification", **task}

@@ -47,7 +47,8 @@ class FinetuneConfig:
 
     target_length: int = 1024  # frames per training crop and per evaluation window
     batch_size: int = 48
-    linear: bool = False  # frozen encoder, train fc_norm + head on cached CLS features
+    linear: bool = False  # frozen encoder, train fc_norm + head on cached pooled features
+    pool: str | None = None  # "cls" or "mean" (of the patch tokens); None: the checkpoint's, else "cls"
     drop_path: float = 0.1
     mixup: bool | None = None  # None: on for multi-label, off for multi-class (ESC-50 recipe)
     mixup_alpha: float = 0.8
@@ -87,6 +88,7 @@ def build_classifier(
     drop_path: float = 0.1,
     seed: int = 0,
     model_config: ModelConfig | None = None,
+    pool: str | None = None,
 ) -> tuple[Classifier, str]:
     """A Classifier for `classes` and how it was initialised.
 
@@ -97,7 +99,7 @@ def build_classifier(
     if checkpoint is None and model_config is None:
         raise FinetuneError("need a checkpoint or a model config to build the classifier from")
     base = checkpoint.config if checkpoint is not None else model_config
-    cfg = replace(base, num_classes=len(classes), drop_path=drop_path)
+    cfg = replace(base, num_classes=len(classes), drop_path=drop_path, pool=pool or base.pool)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(cfg)
@@ -160,7 +162,9 @@ class FinetuneTask:
         self.multilabel = train_set.multilabel
         self.norm = resolve_norm(config.norm, ckpt)
         drop_path = 0.0 if config.linear else config.drop_path
-        self.model, self.init = build_classifier(ckpt, self.classes, drop_path, seed, model_config)
+        self.model, self.init = build_classifier(
+            ckpt, self.classes, drop_path, seed, model_config, config.pool
+        )
         self.source = ckpt.source if ckpt is not None else "random"
         self.best_metric = "mAP" if self.multilabel else "accuracy"
         mix = self.multilabel if config.mixup is None else config.mixup
@@ -201,16 +205,19 @@ class FinetuneTask:
         return self._batches
 
     def cached_features(self, which: str) -> tuple[Tensor, Tensor]:
-        """Frozen-encoder CLS features (N, D) and targets (N, C) of 'train' or 'valid', computed once."""
+        """Frozen-encoder pooled features (N, D) (CLS, or mean patch token) and targets (N, C) of 'train'
+        or 'valid', computed once; for files of several windows, the mean over windows."""
         if which not in self._features:
             from sslam_core.embeddings import embed
 
             data = self.train_set if which == "train" else self.valid_set
             was_training = self.model.training
             self.model.eval()
+            mean_pool = self.model.cfg.pool == "mean"
             records = embed(
                 self.model.encoder,
                 [e.path for e in data.examples],
+                granularity="patch" if mean_pool else "clip",
                 target_length=self.config.target_length,
                 batch_size=self.config.eval_batch_size,
                 workers=self.config.workers,
@@ -223,7 +230,7 @@ class FinetuneTask:
                 if rec.error is not None:
                     warnings.warn(f"{rec.error}; left out of the {which} set", stacklevel=2)
                     continue
-                feats.append(torch.from_numpy(rec.clip))
+                feats.append(torch.from_numpy(rec.patch.mean(axis=0) if mean_pool else rec.clip))
                 keep.append(i)
             self.model.train(was_training)
             if not feats:
@@ -258,7 +265,7 @@ class FinetuneTask:
     def loss(self, batch: dict, generator: torch.Generator) -> dict:
         target = batch["label"].float()
         if self.config.linear:
-            logits = self.model.classify(batch["features"][:, None])
+            logits = self.model.classify(batch["features"])
         else:
             source, target = augment(batch["source"], target, generator, self.augment)
             logits = self.model(source)
@@ -296,7 +303,7 @@ class FinetuneTask:
             self.model.eval()
             feats, targets = self.cached_features("valid")
             with torch.no_grad():
-                logits = self.model.classify(feats[:, None]).float()
+                logits = self.model.classify(feats).float()
             probs = logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
             return scores_report(probs.cpu().numpy(), targets.cpu().numpy(), self.multilabel)
         scores, targets = self.predict(self.valid_set)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FREQ_PATCHES = 8  # 128 mel bins / 16
+POOLING = ("cls", "mean")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     num_classes: int = 0  # 0 = pre-trained encoder without a head
+    pool: str = "cls"  # classifier input: the CLS token, or the mean of the patch tokens ("mean")
     drop_path: float = 0.0
 
     @classmethod
@@ -220,12 +222,15 @@ class Encoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Encoder + `head(fc_norm(CLS))`: the fine-tuned AudioSet/ESC-50 model. `forward` gives logits."""
+    """Encoder + `head(fc_norm(CLS))` (or of the mean patch token with `pool="mean"`): the fine-tuned
+    AudioSet/ESC-50 model. `forward` gives logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.num_classes <= 0:
             raise ValueError("a classifier needs num_classes > 0")
+        if cfg.pool not in POOLING:
+            raise ValueError(f"unknown pooling {cfg.pool!r}; choose {' or '.join(POOLING)}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
@@ -237,9 +242,14 @@ class Classifier(nn.Module):
         """Encoder features (B, 1 + N, D), as `Encoder.forward`."""
         return self.encoder(x, layer)
 
+    def pooled(self, features: Tensor) -> Tensor:
+        """The head's input: the CLS row, or the mean of the patch rows (official "MEAN_POOLING")."""
+        return features[:, 0] if self.cfg.pool == "cls" else features[:, 1:].mean(dim=1)
+
     def classify(self, features: Tensor) -> Tensor:
-        """Logits from encoder features (uses the CLS row)."""
-        return self.head(self.fc_norm(features[:, 0]))
+        """Logits from encoder features (B, 1 + N, D), or from already pooled vectors (B, D)."""
+        pooled = features if features.ndim == 2 else self.pooled(features)
+        return self.head(self.fc_norm(pooled))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classify(self.encoder(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -383,3 +384,23 @@ def test_label_files(tmp_path):
         read_label_csv(bad)
     with pytest.raises(LabelError, match="missing.csv"):
         read_label_csv(tmp_path / "missing.csv")
+
+
+def test_mean_pooling_classifier_survives_fairseq_and_sslam_layouts(tmp_path, expected):
+    """A head on the mean patch token (fairseq prediction_mode MEAN_POOLING) keeps its pooling."""
+    ckpt = read_checkpoint(FIXTURES / "tiny_finetuned.pt")
+    ckpt.config = dataclasses.replace(ckpt.config, pool="mean")
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.state)
+    feats = expected["ft_all_1024"]
+    with torch.no_grad():
+        want = model.head(model.fc_norm(feats[:, 1:].mean(dim=1)))
+    for layout, name in (("fairseq", "mean.pt"), ("sslam", "mean.safetensors")):
+        path = write_checkpoint(ckpt, tmp_path / name, layout)
+        back = load_model(path)
+        assert back.cfg.pool == "mean"
+        with torch.no_grad():
+            assert_close(back.classify(feats), want)
+            assert_close(back(expected["x1024"]), want)
+    with pytest.raises(CheckpointError, match="mean-pooling"):
+        write_checkpoint(ckpt, tmp_path / "hf", "hf")
