@@ -1,6 +1,7 @@
 """Learning check: fine-tuning and linear probing from a small pre-trained encoder beat random init.
 
     python scripts/finetune_check.py /work/shared/data [--work runs/finetune_check] [--pretrain-steps 160]
+        [--pretrained RUN_DIR]      # e.g. the EAT run of scripts/learning_check.py
 
 1. Pre-trains a tiny encoder with `sslam pretrain --stage eat` on the unlabelled FSDD training
    recordings and polydigits training mixtures (reused when the work folder already has it).
@@ -133,13 +134,16 @@ def main() -> None:
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--work", type=Path, default=Path("runs/finetune_check"))
     parser.add_argument("--pretrain-steps", type=int, default=160)
-    parser.add_argument("--fsdd-steps", type=int, default=80)
-    parser.add_argument("--poly-steps", type=int, default=80)
+    parser.add_argument(
+        "--pretrained", type=Path, help="use this `sslam pretrain` run instead of pre-training"
+    )
+    parser.add_argument("--fsdd-steps", type=int, default=600)
+    parser.add_argument("--poly-steps", type=int, default=400)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     root = args.data_root
 
-    pretrained = pretrain(root, args.work, args.pretrain_steps) / "model.safetensors"
+    pretrained = (args.pretrained or pretrain(root, args.work, args.pretrain_steps)) / "model.safetensors"
     datasets = {
         "fsdd": (*fsdd_sets(root, args.work), 128, args.fsdd_steps),
         "polydigits": (*polydigit_sets(root), 208, args.poly_steps),
