@@ -1,8 +1,10 @@
-"""The `sslam` command line: a thin Typer layer over `sslam_core`."""
+"""The `sslam` command line: a thin Typer layer over `sslam_core`, one module per command."""
 
 from __future__ import annotations
 
 import typer
+
+from sslam_cli import convert, evaluate, extract, finetune, pack, plot, pretrain, stats, tag
 
 app = typer.Typer(
     name="sslam",
@@ -12,28 +14,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Each command module registers itself on `app`.
-from sslam_cli import extract as _extract  # noqa: E402
-from sslam_cli import tag as _tag  # noqa: E402
 
-app.command("tag")(_tag.tag)
-app.command("extract")(_extract.extract)
-from sslam_cli import convert as _convert  # noqa: E402
+@app.callback()
+def _setup() -> None:
+    """Process-wide settings shared by every command."""
+    from sslam_core.inference import limit_heap_fragmentation
 
-app.command("convert")(_convert.convert)
-from sslam_cli import pack as _pack  # noqa: E402
+    limit_heap_fragmentation()
 
-app.command("pack")(_pack.pack)
-from sslam_cli import evaluate as _evaluate  # noqa: E402
-from sslam_cli import plot as _plot  # noqa: E402
-from sslam_cli import stats as _stats  # noqa: E402
 
-app.command("eval")(_evaluate.evaluate)
-app.command("stats")(_stats.stats)
-app.command("plot")(_plot.plot)
-from sslam_cli import pretrain as _pretrain  # noqa: E402
-
-app.command("pretrain")(_pretrain.pretrain)
-from sslam_cli import finetune as _finetune  # noqa: E402
-
-app.command("finetune")(_finetune.finetune)
+app.command("tag")(tag.tag)
+app.command("extract")(extract.extract)
+app.command("convert")(convert.convert)
+app.command("pretrain")(pretrain.pretrain)
+app.command("finetune")(finetune.finetune)
+app.command("eval")(evaluate.evaluate)
+app.command("stats")(stats.stats)
+app.command("plot")(plot.plot)
+app.command("pack")(pack.pack)
