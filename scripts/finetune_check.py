@@ -99,9 +99,9 @@ def test_scores(task: FinetuneTask, test) -> tuple[np.ndarray, np.ndarray]:
     return probs.cpu().numpy(), targets.cpu().numpy()
 
 
-def run(name, train, test, init, linear, target_length, steps, work: Path) -> dict:
+def run(name, train, test, init, linear, target_length, steps, work: Path, pool: str = "cls") -> dict:
     """One fine-tuning or probing run, scored on the test set at its end."""
-    config = FinetuneConfig(target_length=target_length, batch_size=32, linear=linear, workers=1)
+    config = FinetuneConfig(target_length=target_length, batch_size=32, linear=linear, workers=1, pool=pool)
     checkpoint = read_checkpoint(init) if init is not None else None
     task = FinetuneTask(train, test, checkpoint, config, seed=0, model_config=preset(MODEL))
     if linear:
@@ -139,6 +139,7 @@ def main() -> None:
     )
     parser.add_argument("--fsdd-steps", type=int, default=600)
     parser.add_argument("--poly-steps", type=int, default=400)
+    parser.add_argument("--pool", choices=["cls", "mean"], default="cls", help="classifier input")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     root = args.data_root
@@ -153,7 +154,8 @@ def main() -> None:
         for mode in ("finetune", "linear"):
             for init_name, init in (("pretrained", pretrained), ("random", None)):
                 name = f"{data}-{mode}-{init_name}"
-                results[name] = run(name, train, test, init, mode == "linear", frames, steps, args.work)
+                linear = mode == "linear"
+                results[name] = run(name, train, test, init, linear, frames, steps, args.work, args.pool)
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print("\n| data | metric | mode | pre-trained | random init |\n|---|---|---|---|---|")
