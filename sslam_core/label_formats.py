@@ -6,7 +6,8 @@ import csv
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
+
+from sslam_core.labels import audioset_labels
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
 
@@ -78,13 +79,6 @@ def read_descriptors(path: str) -> list[tuple[str, str]]:
     if [i for i, _, _ in indexed] != list(range(len(indexed))):
         raise DatasetError(f"{path}: class indices are not 0..{len(indexed) - 1}")
     return [(cid, name) for _, cid, name in indexed]
-
-
-def audioset_classes() -> list[tuple[str, str]]:
-    """The 527 AudioSet classes (mid, display name) shipped with the package."""
-    source = resources.files("sslam_core") / "data_files" / "class_labels_indices.csv"
-    with resources.as_file(source) as path:
-        return read_descriptors(str(path))
 
 
 def read_labels_csv(path: str, audio_dir: str | None) -> Parsed:
@@ -263,4 +257,4 @@ def read_audioset(path: str, audio_dir: str | None) -> Parsed:
         where = f"{path}:{number}"
         records.append(Record(ytid, found, labels, where, ytid, duration=end - start))
     naming = ", ".join(name for name, _ in used.most_common()) or None
-    return Parsed(records, base, classes=audioset_classes(), naming=naming)
+    return Parsed(records, base, classes=audioset_labels(), naming=naming)
