@@ -96,6 +96,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output."),
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`."""
+    from sslam_core import distributed
     from sslam_core.checkpoints import CheckpointError, read_checkpoint
     from sslam_core.datasets import DatasetError
     from sslam_core.finetuning import (
@@ -171,4 +172,9 @@ def finetune(
         f"{'linear probe' if linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} classes "
         f"({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; init: {task.init}"
     )
-    run(task, train_config, resume=resume)
+    try:
+        run(task, train_config, resume=resume)
+    except (DatasetError, ValueError) as e:
+        distributed.cleanup(sync=False)
+        fail(str(e))
+    distributed.cleanup()

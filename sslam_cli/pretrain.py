@@ -109,7 +109,7 @@ def pretrain(
         summary = run_pretraining(settings, resume=resume, progress=not quiet, stop_at=stop_at)
         rank = distributed.get_rank()
     except (PretrainConfigError, CheckpointError, DatasetError, PackedDataError, AudioError, ValueError) as e:
-        distributed.cleanup()
+        distributed.cleanup(sync=False)
         fail(str(e))
     distributed.cleanup()
     if rank != 0:

@@ -6,6 +6,7 @@ and every helper degrades to a no-op, so single-process code needs no special ca
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -106,9 +107,17 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def cleanup() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+def cleanup(sync: bool = True) -> None:
+    """Leave the process group (safe to call when none was joined).
+
+    sync: wait for every rank first, so no rank tears its connections down while another still uses
+    them; pass False on error paths, where the other ranks may never arrive. Unreachable DDP reducers
+    are collected before the group goes, so no gloo worker thread outlives it into interpreter exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
