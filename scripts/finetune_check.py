@@ -94,7 +94,7 @@ def test_scores(task: FinetuneTask, test) -> tuple[np.ndarray, np.ndarray]:
     task.model.eval()
     feats, targets = task.cached_features("valid")
     with torch.no_grad():
-        logits = task.model.classify(feats).float()
+        logits = task.probe_logits(feats).float()
     probs = logits.sigmoid() if task.multilabel else logits.softmax(dim=-1)
     return probs.cpu().numpy(), targets.cpu().numpy()
 

@@ -5,7 +5,8 @@ a pre-trained or fine-tuned checkpoint, or at random for baselines), the labelle
 augmentation (mixup, SpecAugment, roll; `sslam_core.augment`), the loss (BCE with logits for multi-label,
 label-smoothed cross-entropy for multi-class), the validation metric (mAP or accuracy) and the export
 `sslam tag` / `sslam extract` load. With `linear=True` the encoder is frozen and its CLS features are
-computed once, so each epoch only trains fc_norm + head.
+computed once, so each epoch only trains fc_norm + head, on features standardised with the training
+set's statistics (folded into the head at export, so the result is still fc_norm + Linear).
 
 Spec §5 recipe as defaults: layer-wise lr decay 0.65, drop-path 0.1, Adam (0.9, 0.95), weight decay 0.05,
 cosine schedule to 1e-6 after a 10 % warm-up; mixup and weighted sampling for multi-label data; label
@@ -120,6 +121,23 @@ def _target_rows(data: LabelledSet) -> list[np.ndarray]:
     return list(data.targets())
 
 
+def feature_statistics(features: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std of layer-normalised (no affine) probe features.
+
+    The linear probe standardises fc_norm's output with them before the head (MAE's BatchNorm without
+    affine): frozen CLS features can vary across clips by a few percent of their size, which a head
+    trained with Adam from a tiny init cannot otherwise resolve. Folded into the head at export.
+    """
+    z = F.layer_norm(features.float(), features.shape[-1:], eps=eps)
+    return z.mean(dim=0), z.std(dim=0).clamp_min(1e-6)
+
+
+def fold_standardization(weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """head((z - mean) / std) as one Linear on z: W / std and b - (W / std) @ mean."""
+    folded = weight / std[None, :]
+    return folded, bias - folded @ mean
+
+
 def classification_loss(logits: Tensor, target: Tensor, multilabel: bool, label_smoothing: float) -> Tensor:
     """BCE with logits (multi-label) or cross-entropy against smoothed soft targets (multi-class)."""
     logits = logits.float()
@@ -178,6 +196,7 @@ class FinetuneTask:
                 p.requires_grad_(False)
         self._batches: AudioBatches | None = None
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
+        self._standardize: tuple[Tensor, Tensor] | None = None
 
     # -- data ------------------------------------------------------------------------------------------
 
@@ -237,7 +256,16 @@ class FinetuneTask:
                 raise FinetuneError(f"no readable audio in the {which} set")
             targets = torch.from_numpy(data.targets()[keep])
             self._features[which] = (torch.stack(feats).to(self.device), targets.to(self.device))
+            if which == "train":
+                self._standardize = feature_statistics(self._features["train"][0], self.model.fc_norm.eps)
         return self._features[which]
+
+    def probe_logits(self, features: Tensor) -> Tensor:
+        """Linear probe: head(standardise(fc_norm(features))), the statistics from the training features."""
+        if self._standardize is None:
+            self.cached_features("train")
+        mean, std = self._standardize
+        return self.model.head((self.model.fc_norm(features) - mean) / std)
 
     def batches(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[dict]:
         """Audio batches (full fine-tuning) or batches of cached CLS features (linear probe)."""
@@ -265,7 +293,7 @@ class FinetuneTask:
     def loss(self, batch: dict, generator: torch.Generator) -> dict:
         target = batch["label"].float()
         if self.config.linear:
-            logits = self.model.classify(batch["features"])
+            logits = self.probe_logits(batch["features"])
         else:
             source, target = augment(batch["source"], target, generator, self.augment)
             logits = self.model(source)
@@ -303,7 +331,7 @@ class FinetuneTask:
             self.model.eval()
             feats, targets = self.cached_features("valid")
             with torch.no_grad():
-                logits = self.model.classify(feats).float()
+                logits = self.probe_logits(feats).float()
             probs = logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
             return scores_report(probs.cpu().numpy(), targets.cpu().numpy(), self.multilabel)
         scores, targets = self.predict(self.valid_set)
@@ -319,6 +347,13 @@ class FinetuneTask:
             "init_checkpoint": self.source,
         }
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.config.linear:
+            if self._standardize is None:
+                self.cached_features("train")
+            mean, std = (t.detach().cpu() for t in self._standardize)
+            state["head.weight"], state["head.bias"] = fold_standardization(
+                state["head.weight"], state["head.bias"], mean, std
+            )
         save_checkpoint(
             path, self.model.cfg, state, labels=self.classes, normalization=self.norm, extra=extra
         )
@@ -380,6 +415,8 @@ __all__ = [
     "FinetuneTask",
     "build_classifier",
     "classification_loss",
+    "feature_statistics",
+    "fold_standardization",
     "finetune",
     "recipe",
     "resolve_norm",

@@ -234,6 +234,30 @@ def test_linear_probe_trains_only_the_head(tmp_path, digits, pretrained):
     assert summary["steps"] == 6 and read_checkpoint(tmp_path / "probe").extra["linear"] is True
 
 
+def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_path, digits, pretrained):
+    task = FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
+    run(task, tmp_path / "probe", 6, lr=1e-2)
+    feats, _ = task.cached_features("train")
+    mean, std = task._standardize
+    z = torch.nn.functional.layer_norm(feats, feats.shape[-1:], eps=task.model.fc_norm.eps)
+    assert torch.allclose(((z - mean) / std).mean(0), torch.zeros(z.shape[1]), atol=1e-4)
+    assert torch.allclose(((z - mean) / std).std(0), torch.ones(z.shape[1]), atol=1e-4)
+    exported = load_model(tmp_path / "probe")  # a plain fc_norm + Linear
+    with torch.no_grad():
+        assert torch.allclose(exported.classify(feats), task.probe_logits(feats), atol=1e-4)
+
+
+def test_fold_standardization_is_exact():
+    from sslam_core.finetuning import fold_standardization
+
+    g = gen(1)
+    w, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    mean, std = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.01
+    z = torch.randn(3, 8, generator=g)
+    fw, fb = fold_standardization(w, b, mean, std)
+    assert torch.allclose(z @ fw.T + fb, ((z - mean) / std) @ w.T + b, atol=1e-4)
+
+
 def test_cli_result_tags_with_its_own_labels(tmp_path, pretrained):
     from sslam_cli.main import app
 
