@@ -58,6 +58,17 @@ def pretrain(
     ema_anneal_end_step: Annotated[
         int | None, Opt("--ema-anneal-end-step", help="[25% / 50% of steps]")
     ] = None,
+    mask_prob: Annotated[
+        float | None, Opt("--mask-prob", help="Fraction of patches hidden from the student [0.8].")
+    ] = None,
+    mask_length: Annotated[int | None, Opt("--mask-length", help="Inverse block mask size [5].")] = None,
+    average_top_k: Annotated[
+        int | None, Opt("--average-top-k", help="Teacher blocks averaged into targets [12].")
+    ] = None,
+    cls_weight: Annotated[float | None, Opt("--cls-weight", help="Utterance (CLS) loss weight [1].")] = None,
+    srl_weight: Annotated[
+        float | None, Opt("--srl-weight", help="Source Retention loss weight (sslam) [2].")
+    ] = None,
     grad_accum: Annotated[int | None, Opt("--grad-accum", help="Micro-batches per update [1].")] = None,
     precision: Annotated[str | None, Opt("--precision", help="auto, fp32, bf16, fp16 [auto].")] = None,
     device: Annotated[str | None, Opt("--device", help="auto, cpu, cuda [auto].")] = None,
@@ -98,7 +109,9 @@ def pretrain(
         data=data or None, out_dir=out, stage=stage, model=model, init=init, steps=steps,
         batch_size=batch_size, target_length=target_length, seed=seed, lr=lr, warmup=warmup,
         clone_batch=clone_batch, window=window, num_windows=num_windows, ema_decay=ema_decay,
-        ema_end_decay=ema_end_decay, ema_anneal_end_step=ema_anneal_end_step, grad_accum=grad_accum,
+        ema_end_decay=ema_end_decay, ema_anneal_end_step=ema_anneal_end_step, mask_prob=mask_prob,
+        mask_length=mask_length, average_top_k=average_top_k, cls_weight=cls_weight, srl_weight=srl_weight,
+        grad_accum=grad_accum,
         precision=precision, device=device, workers=workers, norm=parsed_norm or norm,
         save_every=save_every, log_every=log_every, keep_last=keep_last, tensorboard=tensorboard,
     )  # fmt: skip

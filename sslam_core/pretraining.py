@@ -59,6 +59,11 @@ class PretrainSettings:
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int | None = None
+    mask_prob: float = 0.8
+    mask_length: int = 5
+    average_top_k: int = 12
+    cls_weight: float = 1.0
+    srl_weight: float = 2.0
     grad_accum: int = 1
     precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
     device: str = "auto"
@@ -140,6 +145,12 @@ def resolve_settings(*layers: dict) -> PretrainSettings:
         )
     if s.batch_size < 1 or s.clone_batch < 1:
         raise PretrainConfigError("--batch-size and --clone-batch must be at least 1")
+    if not 0.0 < s.mask_prob < 1.0:
+        raise PretrainConfigError(f"--mask-prob must be in (0, 1), got {s.mask_prob}")
+    if s.mask_length < 1 or s.average_top_k < 1:
+        raise PretrainConfigError("--mask-length and --average-top-k must be at least 1")
+    if s.cls_weight < 0 or s.srl_weight < 0:
+        raise PretrainConfigError("--cls-weight and --srl-weight must be >= 0")
     if s.stage == "sslam" and s.batch_size < 2:
         raise PretrainConfigError("--stage sslam mixes each clip with its batch neighbour: --batch-size >= 2")
     return s
@@ -155,6 +166,11 @@ def objective_config(s: PretrainSettings) -> ObjectiveConfig:
         ema_decay=s.ema_decay,
         ema_end_decay=s.ema_end_decay,
         ema_anneal_end_step=s.ema_anneal_end_step,
+        mask_prob=s.mask_prob,
+        mask_length=s.mask_length,
+        average_top_k=s.average_top_k,
+        cls_loss=s.cls_weight,
+        srl_weight=s.srl_weight,
     )
 
 

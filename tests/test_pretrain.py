@@ -84,6 +84,20 @@ def test_stage_defaults_scale_with_steps_and_overrides_win(tmp_path):
         resolve_settings({"target_length": 250})
 
 
+def test_objective_hyper_parameters_are_settings_with_release_defaults():
+    from sslam_core.pretraining import objective_config
+
+    release = objective_config(resolve_settings({"stage": "sslam"}))
+    assert (release.mask_prob, release.mask_length, release.average_top_k) == (0.8, 5, 12)
+    assert (release.cls_loss, release.srl_weight) == (1.0, 2.0)
+    s = {"mask_prob": 0.6, "mask_length": 3, "average_top_k": 4, "cls_weight": 0.5, "srl_weight": 1.0}
+    changed = objective_config(resolve_settings({"stage": "sslam"}, s))
+    assert (changed.mask_prob, changed.mask_length, changed.average_top_k) == (0.6, 3, 4)
+    assert (changed.cls_loss, changed.srl_weight) == (0.5, 1.0)
+    with pytest.raises(PretrainConfigError, match="--mask-prob must be in"):
+        resolve_settings({"mask_prob": 1.0})
+
+
 def test_init_from_official_checkpoint_loads_teacher_and_exports(tmp_path):
     """--steps 0 writes the initial model: the official student, EMA teacher and decoder, bit for bit;
     the run folder then works in `sslam extract` (official outputs) and `sslam convert` (fairseq layout)."""
