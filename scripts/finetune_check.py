@@ -16,7 +16,6 @@ Not a unit test: about 15-20 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -39,24 +38,17 @@ from sslam_core.finetuning import (
 from sslam_core.metrics import polyphony_report
 from sslam_core.model import preset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdd import write_fsdd_split  # noqa: E402
+
 MODEL = "tiny"
 
 
 def fsdd_sets(root: Path, work: Path):
-    """FSDD train/test LabelledSets from metadata.csv (official split column)."""
-    rows = list(csv.DictReader(open(root / "fsdd" / "metadata.csv")))
-    sets = {}
-    for split in ("train", "test"):
-        path = work / f"fsdd_{split}.csv"
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["filename", "labels"])
-            for r in rows:
-                if r["split"] == split:
-                    w.writerow([str(root / "fsdd" / "recordings" / r["filename"]), r["digit"]])
-        sets[split] = path
-    train = read_labelled(sets["train"])
-    return train, read_labelled(sets["test"], classes=train, multilabel=False)
+    """FSDD train/test LabelledSets (official split)."""
+    paths = write_fsdd_split(root, work)
+    train = read_labelled(paths["train"])
+    return train, read_labelled(paths["test"], classes=train, multilabel=False)
 
 
 def polydigit_sets(root: Path):

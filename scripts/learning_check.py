@@ -1,6 +1,6 @@
 """Does pre-training learn? Pre-train a small model on unlabelled FSDD speech, then linear-probe frozen CLS.
 
-    python scripts/learning_check.py /work/shared/data [--work DIR] [--steps 1500] [--model tiny]
+    python scripts/learning_check.py /work/shared/data [--work DIR] [--steps 1200] [--model tiny]
 
 Three encoders, each through the project's own commands (`sslam pretrain`, `sslam finetune --linear`,
 `sslam eval`): random init (`--steps 0`), EAT stage 1 for `--steps`, and stage 1 for half the steps
@@ -14,7 +14,6 @@ random init by at least 15 accuracy points on digits.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from fsdd import write_fsdd_split  # noqa: E402
+
 MARGIN = 15.0
 
 
@@ -34,27 +36,6 @@ def sslam(*args: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"sslam {' '.join(args[:1])} failed:\n{proc.stderr[-2000:]}")
     return proc.stdout
-
-
-def fsdd_splits(data_root: Path, work: Path) -> dict[str, Path]:
-    """labels.csv folders for the FSDD train/test splits (absolute paths) and a list of train audio."""
-    rows = list(csv.DictReader(open(data_root / "fsdd" / "metadata.csv")))
-    out = {}
-    for split in ("train", "test"):
-        folder = work / f"fsdd_{split}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "labels.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["filename", "labels"])
-            for r in rows:
-                if r["split"] == split:
-                    writer.writerow([str(data_root / "fsdd" / "recordings" / r["filename"]), r["digit"]])
-        out[split] = folder
-    audio = work / "fsdd_train_audio.txt"
-    audio.write_text("".join(f"{data_root / 'fsdd' / 'recordings' / r['filename']}\n" for r in rows
-                             if r["split"] == "train"))  # fmt: skip
-    out["audio"] = audio
-    return out
 
 
 def pretrain(run: Path, data: Path, stage: str, steps: int, args, init: Path | None = None) -> dict:
@@ -87,7 +68,7 @@ def main() -> None:
     p.add_argument("data_root", type=Path)
     p.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--steps", type=int, default=1500, help="total pre-training updates per encoder")
+    p.add_argument("--steps", type=int, default=1200, help="total pre-training updates per encoder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clone-batch", type=int, default=4)
     p.add_argument("--target-length", type=int, default=128, help="pre-training / FSDD probe frames")
@@ -101,7 +82,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sslam-learning-"))
     work.mkdir(parents=True, exist_ok=True)
-    splits = fsdd_splits(args.data_root, work)
+    splits = write_fsdd_split(args.data_root, work)
     poly = args.data_root / "polydigits"
     start = time.perf_counter()
     runs = {"random": work / "random", "eat": work / "eat", "eat+sslam": work / "eat_sslam"}

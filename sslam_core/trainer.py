@@ -461,10 +461,17 @@ def _say(main: bool, text: str) -> None:
         tqdm.write(text)
 
 
+def _term(name: str, value: float) -> str:
+    """`name=value`; an EMA decay shows its distance from 1 (0.99999 and 0.999994 differ)."""
+    if name == "ema_decay":
+        return f"{name}={value:.7f}".rstrip("0")
+    return f"{name}={value:.4g}"
+
+
 def _postfix(record: dict) -> str:
     """The live progress line: loss terms, lr, EMA decay if reported, throughput."""
     skip = {"step", "epoch", "clips_per_s", "lr", "sample_size"}
-    terms = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in skip)
+    terms = " ".join(_term(k, v) for k, v in record.items() if k not in skip)
     return f"{terms} lr={record['lr']:.3g} {record['clips_per_s']:.1f} clips/s"
 
 
