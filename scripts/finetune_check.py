@@ -1,6 +1,6 @@
 """Learning check: fine-tuning and linear probing from a small pre-trained encoder beat random init.
 
-    python scripts/finetune_check.py /work/shared/data [--work runs/finetune_check] [--pretrain-steps 160]
+    python scripts/finetune_check.py /work/shared/data [--work runs/finetune_check] [--pretrain-steps 1200]
         [--pretrained RUN_DIR]      # e.g. the EAT run of scripts/learning_check.py
 
 1. Pre-trains a tiny encoder with `sslam pretrain --stage eat` on the unlabelled FSDD training
@@ -30,10 +30,10 @@ from sslam_core.datasets import read_labelled
 from sslam_core.finetuning import (
     FinetuneConfig,
     FinetuneTask,
+    default_steps,
     finetune,
     recipe,
     scores_report,
-    steps_for_epochs,
 )
 from sslam_core.metrics import polyphony_report
 from sslam_core.model import preset
@@ -69,9 +69,9 @@ def pretrain(root: Path, work: Path, steps: int) -> Path:
     listing.write_text("".join(f"{p}\n" for p in [e.path for e in train.examples] + [str(p) for p in poly]))
     command = [
         sys.executable, "-m", "sslam_cli", "pretrain", str(listing), "-o", str(out), "--stage", "eat",
-        "--model", MODEL, "--steps", str(steps), "--batch-size", "8", "--target-length", "128",
-        "--clone-batch", "4", "--lr", "1e-3", "--warmup", str(steps // 10), "--ema-decay", "0.999",
-        "--ema-end-decay", "0.9999", "--workers", "1", "--device", "cpu",
+        "--model", MODEL, "--steps", str(steps), "--batch-size", "16", "--target-length", "128",
+        "--clone-batch", "4", "--lr", "1e-3", "--ema-decay", "0.99", "--ema-end-decay", "0.999",
+        "--workers", "1", "--device", "cpu", "-q",
     ]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -91,15 +91,17 @@ def test_scores(task: FinetuneTask, test) -> tuple[np.ndarray, np.ndarray]:
     return probs.cpu().numpy(), targets.cpu().numpy()
 
 
-def run(name, train, test, init, linear, target_length, steps, work: Path, pool: str = "cls") -> dict:
+def run(name, train, test, init, linear, target_length, steps, work: Path, pool: str, batch_size: int):
     """One fine-tuning or probing run, scored on the test set at its end."""
-    config = FinetuneConfig(target_length=target_length, batch_size=32, linear=linear, workers=1, pool=pool)
+    config = FinetuneConfig(
+        target_length=target_length, batch_size=batch_size, linear=linear, workers=1, pool=pool
+    )
     checkpoint = read_checkpoint(init) if init is not None else None
     task = FinetuneTask(train, test, checkpoint, config, seed=0, model_config=preset(MODEL))
     if linear:
-        steps = steps_for_epochs(50, len(train), config.batch_size)
+        steps = default_steps(True, len(train), config.batch_size)
     # Short runs on small data: a higher peak lr and milder layer decay than the AudioSet recipe.
-    lr, decay = (1e-3, None) if linear else (2e-3, 0.75)
+    lr, decay = (1e-3, None) if linear else (1e-3, 0.75)
     train_config = recipe(
         linear, steps, task.multilabel, work / name, lr=lr, layer_decay=decay, save_every=steps,
         progress=False, log_every=50,
@@ -125,13 +127,17 @@ def main() -> None:
     )
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--work", type=Path, default=Path("runs/finetune_check"))
-    parser.add_argument("--pretrain-steps", type=int, default=160)
+    parser.add_argument("--pretrain-steps", type=int, default=1200, help="as scripts/learning_check.py")
     parser.add_argument(
         "--pretrained", type=Path, help="use this `sslam pretrain` run instead of pre-training"
     )
-    parser.add_argument("--fsdd-steps", type=int, default=600)
-    parser.add_argument("--poly-steps", type=int, default=400)
-    parser.add_argument("--pool", choices=["cls", "mean"], default="cls", help="classifier input")
+    parser.add_argument("--fsdd-steps", type=int, default=300, help="full fine-tuning updates on FSDD")
+    parser.add_argument("--poly-steps", type=int, default=200, help="full fine-tuning updates on polydigits")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--pool", choices=["cls", "mean"], default="mean",
+        help="classifier input [mean: a briefly pre-trained tiny encoder's CLS token is not yet informative]",
+    )  # fmt: skip
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     root = args.data_root
@@ -147,7 +153,9 @@ def main() -> None:
             for init_name, init in (("pretrained", pretrained), ("random", None)):
                 name = f"{data}-{mode}-{init_name}"
                 linear = mode == "linear"
-                results[name] = run(name, train, test, init, linear, frames, steps, args.work, args.pool)
+                results[name] = run(
+                    name, train, test, init, linear, frames, steps, args.work, args.pool, args.batch_size
+                )
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print("\n| data | metric | mode | pre-trained | random init |\n|---|---|---|---|---|")

@@ -61,7 +61,7 @@ def finetune(
         None, "--pool", help="Head input: cls (the CLS token) or mean (of the patch tokens) [default: cls]."
     ),
     steps: int = typer.Option(None, "--steps", help="Optimiser updates."),
-    epochs: float = typer.Option(None, "--epochs", help="Passes over the data [default: 30, linear 50]."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes [30; linear 50, >= 20k updates]."),
     batch_size: int = typer.Option(48, "--batch-size", "-b", help="Clips per update and process."),
     target_length: int = typer.Option(1024, "--target-length", help="Frames per crop (100 per second)."),
     seed: int = typer.Option(0, "--seed"),
@@ -100,13 +100,11 @@ def finetune(
     from sslam_core.checkpoints import CheckpointError, read_checkpoint
     from sslam_core.datasets import DatasetError
     from sslam_core.finetuning import (
-        FULL_EPOCHS,
-        LINEAR_EPOCHS,
         FinetuneConfig,
         FinetuneError,
         FinetuneTask,
+        default_steps,
         recipe,
-        steps_for_epochs,
     )
     from sslam_core.finetuning import finetune as run
     from sslam_core.model import preset
@@ -148,9 +146,7 @@ def finetune(
             precision=train_precision,
         )
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        total = steps or steps_for_epochs(
-            epochs or (LINEAR_EPOCHS if linear else FULL_EPOCHS), len(train_set), batch_size, world
-        )
+        total = steps or default_steps(linear, len(train_set), batch_size, world, epochs)
         task = FinetuneTask(train_set, valid_set, ckpt, config, seed=seed, model_config=model_config)
         train_config = recipe(
             linear,

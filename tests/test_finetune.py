@@ -280,3 +280,12 @@ def test_cli_result_tags_with_its_own_labels(tmp_path, pretrained):
     assert sum(x["score"] for x in labels) == pytest.approx(1.0, abs=1e-4)  # softmax: multi-class head
     bad = runner.invoke(app, ["finetune", "--data", str(DATA / "nowhere"), "--model", "tiny", "-o", str(out)])
     assert bad.exit_code == 2 and "nowhere" in bad.output
+
+
+def test_default_steps_give_small_linear_probes_enough_updates():
+    from sslam_core.finetuning import LINEAR_MIN_STEPS, default_steps
+
+    assert default_steps(False, 2700, 48) == 30 * (2700 // 48)
+    assert default_steps(True, 2700, 48) == LINEAR_MIN_STEPS  # 50 epochs would be 2800 updates
+    assert default_steps(True, 2700, 48, epochs=5) == 5 * (2700 // 48)  # an explicit --epochs wins
+    assert default_steps(True, 2_000_000, 48) == 50 * (2_000_000 // 48)
