@@ -195,9 +195,11 @@ class FinetuneTask:
         )
         self.weighted = self.multilabel if config.weighted_sampling is None else config.weighted_sampling
         self.find_unused_parameters = False
+        self.constant_state: tuple[str, ...] = ()
         if config.linear:
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
+            self.constant_state = ("encoder.",)
         self._batches: AudioBatches | None = None
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
         self._standardize: tuple[Tensor, Tensor] | None = None

@@ -12,6 +12,8 @@ The loop is generic over a *task* that owns the model, the data and the loss:
     task.evaluate() -> dict                      optional, at every save; `config.best_metric` picks the best
     task.generator_device                        optional, device of the loss generator (default CPU)
     task.find_unused_parameters                  optional, for DDP when some parameters get no gradient
+    task.constant_state                          optional, state-dict key prefixes the task rebuilds the
+                                                 same on resume (a probe's frozen encoder): not saved
 
 Everything that decides the trajectory (weights, optimiser, grad scaler, step, data position, the Python/
 NumPy/torch RNGs of every rank and the task's generator) goes into out_dir/state.pt, so `resume=True`
@@ -147,13 +149,14 @@ def train(
     generator = torch.Generator(getattr(task, "generator_device", "cpu"))
     generator.manual_seed(config.seed + 1_000_003 * info.rank)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    constant = tuple(getattr(task, "constant_state", ()))
 
     # Resume: everything that decides the trajectory comes back from state.pt.
     step, epoch, position, best = 0, 0, 0, None
     state_path = out / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        _load_saved_state(model, state["model"], constant, state_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, position, best = state["step"], state["epoch"], state["position"], state["best"]
@@ -261,7 +264,7 @@ def train(
                     model.train()
                     best = _keep_best(config, out, scores, best, step, metrics, writer)
                 state = {
-                    "model": model.state_dict(),
+                    "model": _saved_state(model, constant),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": step,
@@ -459,6 +462,21 @@ def _keep_numbered(out: Path, step: int, keep: int) -> None:
 def _say(main: bool, text: str) -> None:
     if main:
         tqdm.write(text)
+
+
+def _saved_state(model: nn.Module, constant: tuple[str, ...]) -> dict:
+    """The model's state without the keys under `constant` prefixes: weights the task rebuilds
+    identically on resume (a linear probe's frozen encoder), so state.pt holds the head, not another
+    copy of the encoder. Anything updated during training, an EMA teacher included, is kept."""
+    return {k: v for k, v in model.state_dict().items() if not (constant and k.startswith(constant))}
+
+
+def _load_saved_state(model: nn.Module, state: dict, constant: tuple[str, ...], path: Path) -> None:
+    """Load a `_saved_state`; only keys under the `constant` prefixes may be missing."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not (constant and k.startswith(constant))] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{path}: the saved state does not match the model ({', '.join(wrong[:5])})")
 
 
 def _term(name: str, value: float) -> str:

@@ -234,6 +234,22 @@ def test_linear_probe_trains_only_the_head(tmp_path, digits, pretrained):
     assert summary["steps"] == 6 and read_checkpoint(tmp_path / "probe").extra["linear"] is True
 
 
+def test_linear_probe_state_holds_the_head_only_and_resumes_exactly(tmp_path, digits, pretrained):
+    def task():
+        return FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
+
+    whole = task()
+    run(whole, tmp_path / "whole", 6, save_every=3)
+    split = task()
+    run(split, tmp_path / "split", 6, save_every=3, stop_at=3)
+    saved = torch.load(tmp_path / "split" / "state.pt", weights_only=True)["model"]
+    assert saved and not any(k.startswith("encoder.") for k in saved)
+    resumed = task()
+    finetune(resumed, recipe(True, 6, False, tmp_path / "split", save_every=3, progress=False), resume=True)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
 def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_path, digits, pretrained):
     task = FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
     run(task, tmp_path / "probe", 6, lr=1e-2)
