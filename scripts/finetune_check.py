@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sslam_core.checkpoints import read_checkpoint
 from sslam_core.datasets import read_labelled
@@ -41,6 +39,7 @@ from sslam_core.metrics import polyphony_report
 from sslam_core.model import preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_check  # noqa: E402
 from fsdd import write_fsdd_split  # noqa: E402
 
 MODEL = "tiny"
@@ -59,35 +58,13 @@ def polydigit_sets(root: Path):
 
 
 def pretrain(root: Path, work: Path, steps: int) -> Path:
-    """A tiny EAT-pretrained encoder (run folder), made with the `sslam pretrain` command."""
+    """A tiny EAT-pretrained encoder (run folder): learning_check's stage-1 run, reused when present."""
     out = work / "pretrain"
-    if (out / "model.safetensors").exists() and json.loads((out / "config.json").read_text())[
-        "steps"
-    ] == steps:
-        return out
-    listing = write_fsdd_split(root, work)["audio"]
-    command = [
-        sys.executable, "-m", "sslam_cli", "pretrain", str(listing), "-o", str(out), "--stage", "eat",
-        "--model", MODEL, "--steps", str(steps), "--batch-size", "16", "--target-length", "128",
-        "--clone-batch", "4", "--lr", "1e-3", "--ema-decay", "0.99", "--ema-end-decay", "0.999",
-        "--workers", "1", "--device", "cpu", "-q",
-    ]  # fmt: skip
+    recipe_args = learning_check.parser().parse_args([str(root), "--model", MODEL])
     started = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"pre-training: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
+    learning_check.pretrain(out, write_fsdd_split(root, work)["audio"], "eat", steps, recipe_args)
+    print(f"pre-training: {steps} steps, {time.perf_counter() - started:.0f} s", flush=True)
     return out
-
-
-def test_scores(task: FinetuneTask, test) -> tuple[np.ndarray, np.ndarray]:
-    """Test-set scores: cached CLS features through the head (probe) or windowed like `sslam tag`."""
-    if not task.config.linear:
-        return task.predict(test)
-    task.model.eval()
-    feats, targets = task.cached_features("valid")
-    with torch.no_grad():
-        logits = task.probe_logits(feats).float()
-    probs = logits.sigmoid() if task.multilabel else logits.softmax(dim=-1)
-    return probs.cpu().numpy(), targets.cpu().numpy()
 
 
 def run(
@@ -131,7 +108,7 @@ def run(
         "seconds": round(time.perf_counter() - started, 1),
         "loss": summary["last"]["loss"],
     }
-    scores, targets = test_scores(task, test)
+    scores, targets = task.validation_scores()
     result.update(scores_report(scores, targets, task.multilabel))
     if task.multilabel:
         groups = polyphony_report(scores, targets).items()

@@ -73,7 +73,8 @@ def probe(
     return json.loads(text)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The options, whose defaults are the pre-training recipe (scripts/finetune_check.py reuses it)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data_root", type=Path)
     p.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temporary folder)")
@@ -88,7 +89,11 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--ema-end-decay", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sslam-learning-"))
     work.mkdir(parents=True, exist_ok=True)

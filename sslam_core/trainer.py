@@ -464,17 +464,21 @@ def _say(main: bool, text: str) -> None:
         tqdm.write(text)
 
 
+def _is_constant(key: str, constant: tuple[str, ...]) -> bool:
+    return bool(constant) and key.startswith(constant)
+
+
 def _saved_state(model: nn.Module, constant: tuple[str, ...]) -> dict:
     """The model's state without the keys under `constant` prefixes: weights the task rebuilds
     identically on resume (a linear probe's frozen encoder), so state.pt holds the head, not another
     copy of the encoder. Anything updated during training, an EMA teacher included, is kept."""
-    return {k: v for k, v in model.state_dict().items() if not (constant and k.startswith(constant))}
+    return {k: v for k, v in model.state_dict().items() if not _is_constant(k, constant)}
 
 
 def _load_saved_state(model: nn.Module, state: dict, constant: tuple[str, ...], path: Path) -> None:
     """Load a `_saved_state`; only keys under the `constant` prefixes may be missing."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing if not (constant and k.startswith(constant))] + list(unexpected)
+    wrong = [k for k in missing if not _is_constant(k, constant)] + list(unexpected)
     if wrong:
         raise ValueError(f"{path}: the saved state does not match the model ({', '.join(wrong[:5])})")
 

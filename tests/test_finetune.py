@@ -254,7 +254,7 @@ def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_p
     task = FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
     run(task, tmp_path / "probe", 6, lr=1e-2)
     feats, _ = task.cached_features("train")
-    mean, std = task._standardize
+    mean, std = task.probe_statistics()
     z = torch.nn.functional.layer_norm(feats, feats.shape[-1:], eps=task.model.fc_norm.eps)
     assert torch.allclose(((z - mean) / std).mean(0), torch.zeros(z.shape[1]), atol=1e-4)
     assert torch.allclose(((z - mean) / std).std(0), torch.ones(z.shape[1]), atol=1e-4)
