@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--pool", choices=["cls", "mean"], default="mean",
-        help="classifier input [mean: a briefly pre-trained tiny encoder's CLS token is not yet informative]",
+        help="classifier input [mean: the tiny encoder's mean patch probes above its CLS, 90.7 vs 77.7 %%]",
     )  # fmt: skip
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
