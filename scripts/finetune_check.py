@@ -45,9 +45,8 @@ MODEL = "tiny"
 CLEAR = 0.01  # a win smaller than one point of accuracy or mAP is not counted
 
 
-def fsdd_sets(root: Path, work: Path):
-    """FSDD train/test LabelledSets (official split)."""
-    paths = write_fsdd_split(root, work)
+def fsdd_sets(paths: dict[str, Path]):
+    """FSDD train/test LabelledSets (official split) from `write_fsdd_split`'s files."""
     train = read_labelled(paths["train"])
     return train, read_labelled(paths["test"], classes=train, multilabel=False)
 
@@ -62,11 +61,11 @@ def recipe_args(root: Path) -> argparse.Namespace:
     return learning_check.parser().parse_args([str(root), "--model", MODEL])
 
 
-def pretrain(root: Path, work: Path, steps: int) -> Path:
+def pretrain(audio: Path, work: Path, steps: int, recipe_args: argparse.Namespace) -> Path:
     """A tiny EAT-pretrained encoder (run folder): learning_check's stage-1 run, reused when present."""
     out = work / "pretrain"
     started = time.perf_counter()
-    learning_check.pretrain(out, write_fsdd_split(root, work)["audio"], "eat", steps, recipe_args(root))
+    learning_check.pretrain(out, audio, "eat", steps, recipe_args)
     print(f"pre-training: {steps} steps, {time.perf_counter() - started:.0f} s", flush=True)
     return out
 
@@ -148,13 +147,14 @@ def main() -> None:
     root = args.data_root
 
     pre = recipe_args(root)
+    fsdd = write_fsdd_split(root, args.work)
     steps = args.pretrain_steps if args.pretrain_steps is not None else pre.steps
-    pretrained = (args.pretrained or pretrain(root, args.work, steps)) / "model.safetensors"
+    pretrained = (args.pretrained or pretrain(fsdd["audio"], args.work, steps, pre)) / "model.safetensors"
     # FSDD is fine-tuned without SpecAugment, roll and drop-path: a 0.4 s digit loses much of itself
     # to a 20 % time mask and lands behind its own padding when rolled; at 1.28 s neither init left
     # chance level with them in a few hundred updates (they suit runs of 10k+ updates).
     datasets = {
-        "fsdd": (*fsdd_sets(root, args.work), pre.target_length, args.fsdd_steps, False),
+        "fsdd": (*fsdd_sets(fsdd), pre.target_length, args.fsdd_steps, False),
         "polydigits": (*polydigit_sets(root), 208, args.poly_steps, True),
     }
     results: dict = {}

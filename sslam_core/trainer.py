@@ -465,7 +465,7 @@ def _say(main: bool, text: str) -> None:
 
 
 def _is_constant(key: str, constant: tuple[str, ...]) -> bool:
-    return bool(constant) and key.startswith(constant)
+    return key.startswith(constant)
 
 
 def _saved_state(model: nn.Module, constant: tuple[str, ...]) -> dict:
