@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    import torch
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -38,18 +41,36 @@ EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
 def fail(message: str) -> NoReturn:
-    """Print one line on stderr and exit with status 2."""
-    err_console.print(f"[red]error:[/red] {message}", markup=True)
+    """Print one line on stderr and exit with status 2. `message` is plain text (paths and all): it is
+    escaped, so square brackets in file names print as they are."""
+    err_console.print(f"[red]error:[/red] {escape(message)}", markup=True)
     raise typer.Exit(EXIT_USAGE)
 
 
 def warn(message: str) -> None:
-    """One line on stderr, for a skipped file or similar."""
-    err_console.print(f"[yellow]skipped:[/yellow] {message}", markup=True)
+    """One line on stderr, for a skipped file or similar (plain text, escaped like `fail`)."""
+    err_console.print(f"[yellow]skipped:[/yellow] {escape(message)}", markup=True)
+
+
+def note(message: str) -> None:
+    """One plain-text line on stderr (a summary, a warning), never read as Rich markup."""
+    err_console.print(message, markup=False)
+
+
+def claim_or_fail(path, overwrite: bool = False, flag: str = "--overwrite"):
+    """`outputs.claim_output`, with any refusal as one error line and exit status 2."""
+    from sslam_core.outputs import OutputError, claim_output
+
+    try:
+        return claim_output(path, overwrite, flag)
+    except OutputError as e:
+        fail(str(e))
 
 
 def pick_device(device: str) -> torch.device:
     """`auto` -> CUDA when available, else CPU."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -65,7 +86,7 @@ def check_precision(precision: str, device: torch.device) -> str:
     if precision not in ("fp32", "bf16", "fp16"):
         fail(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
     if precision != "fp32" and device.type == "cpu":
-        err_console.print(f"note: {precision} on CPU is usually slower than fp32 on CPUs without AVX-512")
+        note(f"note: {precision} on CPU is usually slower than fp32 on CPUs without AVX-512")
     return precision
 
 
@@ -112,14 +133,14 @@ def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = Fa
         fail(str(e))
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    import os
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename; a write error is one line, exit 2."""
+    from sslam_core.outputs import OutputError, write_text
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        write_text(path, text)
+    except OutputError as e:
+        fail(str(e))
 
 
 def stdout_is_tty() -> bool:

@@ -1,0 +1,112 @@
+"""Writing outputs safely: never replace an existing file unasked, always through a rename, and turn
+operating-system failures (full disk, no permission, read-only file system) into one clear line.
+
+Every command writes its results through these helpers, so the rules are the same everywhere:
+- `claim_output(path, overwrite)` before any work: refuses an existing output unless `overwrite`,
+  creates missing parent folders and checks that the folder is writable;
+- `atomic_write(path, write)`: `write(tmp)` fills a temporary file in the same folder, which is
+  flushed, given the ordinary file mode (0666 less the umask, like `open`) and renamed over `path`;
+  on any failure the temporary file is removed and the old `path`, if any, is untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class OutputError(OSError):
+    """An output that cannot be written, or that exists and may not be replaced; the message is one
+    line naming the path and the cause."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
+def os_reason(e: OSError) -> str:
+    """The cause of an OSError in a few words: 'no space left on device', 'permission denied', ..."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__
+
+
+def output_error(path: str | os.PathLike, e: OSError, doing: str = "cannot write") -> OutputError:
+    """An OutputError('{path}: cannot write ({cause})') for an OSError met while writing `path`."""
+    if isinstance(e, OutputError):
+        return e
+    err = OutputError(e.errno, f"{path}: {doing} ({os_reason(e)})")
+    err.filename = str(path)
+    return err
+
+
+def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Check, before any work, that `path` may be written: it must not exist unless `overwrite`, it must
+    not be a folder, and its folder (created if missing) must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"{path}: is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise OutputError(errno.EEXIST, f"{path} exists; pass {flag} to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(path.parent, e, "cannot create the folder") from e
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"{path}: cannot write (permission denied)")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
+    """Write `path` through a temporary file in its folder and a rename (see the module docstring).
+    OSErrors become OutputError naming `path`; other exceptions propagate after the clean-up."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise output_error(path, e) from e
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE if mode is None else mode)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(path, e) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a UTF-8 text file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """`atomic_write` of a binary file."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
