@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 if TYPE_CHECKING:
     import torch
@@ -145,3 +146,32 @@ def write_text_atomic(path, text: str) -> None:
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def render(*renderables) -> str:
+    """Rich tables and text as a string for stdout: at the terminal's width when stdout is one, else
+    without wrapping (pipes, files), so that long paths and rows stay on one line. Build cells with
+    `cell()` so that brackets in names are not read as markup."""
+    import io
+    import shutil
+
+    width = shutil.get_terminal_size().columns if stdout_is_tty() else 100_000
+    out = Console(record=True, width=width, file=io.StringIO(), soft_wrap=not stdout_is_tty())
+    for r in renderables:
+        out.print(r)
+    text = out.export_text()
+    if stdout_is_tty():
+        return text
+    return "".join(line.rstrip() + "\n" for line in text.splitlines())
+
+
+def cell(value) -> Text:
+    """A table cell or title holding `value` verbatim (no markup)."""
+    return Text(str(value))
+
+
+def interrupted(stop, done: int, resumable: bool = True) -> NoReturn:
+    """After a SIGINT / SIGTERM was honoured: one line and the conventional exit status."""
+    hint = "; rerun with --resume to finish" if resumable else ""
+    note(f"interrupted ({stop.name}) after {done} file(s){hint}")
+    raise typer.Exit(stop.exit_code)
