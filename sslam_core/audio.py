@@ -166,7 +166,8 @@ def _import_av(path: str | os.PathLike):
     try:
         import av
     except ImportError as err:
-        raise AudioError(path, "this format needs PyAV: pip install 'sslam[av]'") from err
+        ext = os.path.splitext(str(path))[1].lower() or "these"
+        raise AudioError(path, f"install sslam[av] to read {ext} files (pip install 'sslam[av]')") from err
     return av
 
 
@@ -280,15 +281,19 @@ def _open_blocks(path: str | os.PathLike, block_seconds: float) -> tuple[int, It
         return _av_blocks(path)
     try:
         return _sf_blocks(path, block_seconds)
-    except AudioError:
+    except AudioError as err:
         ext = os.path.splitext(str(path))[1].lower()
-        if ext not in AV_FALLBACK_EXTENSIONS:
-            raise
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            raise
+        if ext not in AV_FALLBACK_EXTENSIONS or not _av_available():
+            raise err from None  # libsndfile's reason stands: PyAV, the fallback, is not installed
         return _av_blocks(path)
+
+
+def _av_available() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
@@ -301,7 +306,8 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
         except AudioError:
             raise
         except Exception as err:
-            if os.path.splitext(str(path))[1].lower() not in AV_FALLBACK_EXTENSIONS:
+            ext = os.path.splitext(str(path))[1].lower()
+            if ext not in AV_FALLBACK_EXTENSIONS or not _av_available():
                 raise _sf_error(path, err) from err
     av = _import_av(path)
     try:

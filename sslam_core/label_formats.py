@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 
 from sslam_core.labels import audioset_labels
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
+# Found by folder search (in this order of preference when one clip exists in several formats): the
+# formats the README lists; the rarer ones audio.py can decode are taken when named explicitly.
+AUDIO_EXTENSIONS = (
+    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".webm", ".aif", ".aiff",
+)  # fmt: skip
 
 
 class DatasetError(ValueError):
