@@ -91,27 +91,42 @@ def check_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def parse_norm(norm: str | None, default) -> str | tuple[float, float]:
-    """`audioset|esc50|spc2|spass` or `MEAN,STD`; None -> the checkpoint's own or AudioSet's."""
+def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
+    """`audioset|esc50|spc2|spass` or `MEAN,STD` (finite, STD > 0); None -> the checkpoint's own or
+    AudioSet's. Anything else is one error line, before any work is done."""
+    import math
+
+    from sslam_core.frontend import NORMALIZATION
+
+    presets = ", ".join(NORMALIZATION)
     if norm is None:
         return default or "audioset"
     if "," in norm:
         try:
             mean, std = (float(v) for v in norm.split(","))
         except ValueError:
-            fail(f"--norm {norm!r}: expected a preset name or MEAN,STD")
+            fail(f"--norm {norm!r}: expected a preset ({presets}) or MEAN,STD")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            fail(f"--norm {norm!r}: MEAN and STD must be finite and STD positive")
         return mean, std
+    if norm not in NORMALIZATION:
+        fail(f"--norm {norm!r}: unknown preset; choose {presets} or MEAN,STD")
     return norm
 
 
 def frames_or_fail(model, window: float | None, hop: float | None, target_length: int | None = None):
-    """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line."""
-    from sslam_core.inference import resolve_window
+    """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line; a note
+    when the window is longer than what the model was trained on."""
+    from sslam_core.inference import resolve_window, window_warning
 
     try:
-        return resolve_window(model, window, hop, target_length)
+        frames, hop_frames = resolve_window(model, window, hop, target_length)
     except ValueError as e:
         fail(str(e))
+    warning = window_warning(model, frames)
+    if warning:
+        note(warning)
+    return frames, hop_frames
 
 
 def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:

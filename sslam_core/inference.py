@@ -50,8 +50,12 @@ def num_frames(samples: int) -> int:
 
 
 def num_windows(frames: int, window: int, hop: int) -> int:
-    """Windows of `window` frames every `hop` frames covering `frames` frames (the last one padded)."""
-    return 1 if frames <= window else 1 + math.ceil((frames - window) / hop)
+    """Windows of `window` frames every `hop` frames over `frames` frames of audio: enough to reach the
+    end (the last one padded), but none starting at or past the end (a hop longer than the window
+    leaves gaps instead)."""
+    if frames <= window:
+        return 1
+    return min(1 + math.ceil((frames - window) / hop), 1 + (frames - 1) // hop)
 
 
 def seconds_to_frames(seconds: float, multiple: int = PATCH_FRAMES) -> int:
@@ -70,11 +74,43 @@ def resolve_window(
 ) -> tuple[int, int]:
     """(window, hop) in frames: `target_length` frames, else `window` seconds, else the length the
     model was trained with, else 1024; the hop defaults to the window."""
+    for name, value in (("--window", window), ("--hop", hop)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} {value}: expected a positive number of seconds")
+    if target_length is not None and (target_length <= 0 or target_length % PATCH_FRAMES):
+        raise ValueError(f"--target-length {target_length}: expected a positive multiple of {PATCH_FRAMES}")
     frames = target_length or (seconds_to_frames(window) if window else None)
     frames = frames or getattr(model, "target_length", None) or DEFAULT_TARGET_LENGTH
     if frames <= 0 or frames % PATCH_FRAMES:
         raise ValueError(f"the window must be a positive multiple of {PATCH_FRAMES} frames, got {frames}")
+    limit = max_frames(model)
+    if limit is not None and frames > limit:
+        raise ValueError(
+            f"a window of {frames} frames ({frames / 100:.2f} s) is longer than this model's position table "
+            f"holds ({limit} frames, {limit / 100:.2f} s)"
+        )
     return frames, seconds_to_frames(hop) if hop else frames
+
+
+def max_frames(model: nn.Module) -> int | None:
+    """The longest input in frames that `model`'s position table covers (None if it has none)."""
+    encoder = getattr(model, "encoder", model)
+    table, cfg = getattr(encoder, "pos_embed", None), getattr(encoder, "cfg", None)
+    if table is None or cfg is None:
+        return None
+    return table.shape[1] // cfg.freq_patches * cfg.patch_size
+
+
+def window_warning(model: nn.Module, frames: int) -> str | None:
+    """A note when windows are longer than the audio the model was trained on: it still runs (the
+    position table is longer), but on inputs it has never seen."""
+    trained = getattr(model, "target_length", None) or DEFAULT_TARGET_LENGTH
+    if frames > trained:
+        return (
+            f"note: windows of {frames / 100:.2f} s are longer than the {trained / 100:.2f} s this model was "
+            "trained on; its outputs on them are untested"
+        )
+    return None
 
 
 @dataclass
@@ -124,7 +160,7 @@ def source_name(source: Source, i: int) -> str:
     return source if isinstance(source, str) else f"<waveform {i}>"
 
 
-def _blocks(source: Source, block_seconds: float) -> Iterable[Tensor]:
+def _blocks(source: Source, name: str, block_seconds: float) -> Iterable[Tensor]:
     if isinstance(source, str):
         return stream_audio(source, SAMPLE_RATE, block_seconds=block_seconds)
     wave, sr = source
@@ -132,7 +168,7 @@ def _blocks(source: Source, block_seconds: float) -> Iterable[Tensor]:
     if wave.ndim == 2:  # (channels, samples)
         wave = wave.mean(dim=0)
     if not torch.isfinite(wave).all():
-        raise AudioError("waveform contains NaN or infinite values")
+        raise AudioError(name, "waveform contains NaN or infinite values")
     return [resample(wave, sr, SAMPLE_RATE) if sr != SAMPLE_RATE else wave]
 
 
@@ -162,14 +198,14 @@ def _window_stream(
             buffer = buffer[count * step - offset :]
             offset = count * step
 
-    for block in _blocks(source, block_seconds):
+    for block in _blocks(source, out.path, block_seconds):
         buffer = torch.cat([buffer, block.float()])
         total += len(block)
         yield from emit(final=False)
     if total == 0:
-        raise AudioError(f"{out.path}: no audio samples")
+        raise AudioError(out.path, "no audio samples")
     if total < FRAME_SAMPLES:
-        raise AudioError(f"{out.path}: too short ({total} samples at 16 kHz, the minimum is 400 = 25 ms)")
+        raise AudioError(out.path, f"too short ({total} samples at 16 kHz, the minimum is 400 = 25 ms)")
     out.samples = total
     yield from emit(final=True)
 
@@ -193,13 +229,11 @@ def autocast(device: torch.device, precision: str):
 
 
 def _error(name: str, e: Exception) -> FileResult:
+    """The one-line reason a file was skipped: `NAME: reason`."""
     if isinstance(e, AudioError):
-        msg = str(e)
-        return FileResult(name, error=msg if name in msg else f"{name}: {msg}")
-    return FileResult(name, error=f"{name}: {type(e).__name__}: {e}")
-
-
-DECODE_ERRORS = (AudioError, OSError, RuntimeError, ValueError)
+        return FileResult(name, error=f"{name}: {e.reason}")
+    reason = (str(e).splitlines() or [""])[0].strip()
+    return FileResult(name, error=f"{name}: {type(e).__name__}" + (f": {reason}" if reason else ""))
 
 
 def _is_long(source: Source) -> bool:
@@ -207,27 +241,30 @@ def _is_long(source: Source) -> bool:
         return False
     try:
         return audio_info(source)[3] > STREAM_SECONDS
-    except DECODE_ERRORS:
-        return False  # decoding will report the problem
+    except Exception:  # decoding will report the problem
+        return False
 
 
 def _decoded(
     sources: list[Source], window: int, hop: int, workers: int
 ) -> Iterator[tuple[int, FileWindows | FileResult]]:
     """Files in order, decoded up to 2 x `workers` files ahead by threads (long files are streamed
-    lazily by the consumer instead); decoding errors become FileResults."""
+    lazily by the consumer instead). This is each file's error boundary: whatever goes wrong while
+    opening, decoding, resampling or cutting one file (any Exception, a missing optional module
+    included) becomes that file's FileResult, and the other files go on."""
 
     def job(i: int) -> FileWindows | FileResult:
         try:
             return cut_windows(sources[i], i, window, hop, lazy=_is_long(sources[i]))
-        except DECODE_ERRORS as e:
+        except Exception as e:  # the per-file error boundary (see the docstring)
             return _error(source_name(sources[i], i), e)
 
     if workers <= 1:
         for i in range(len(sources)):
             yield i, job(i)
         return
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         pending: list[tuple[int, Future]] = []
         nxt = 0
         while nxt < len(sources) or pending:
@@ -236,6 +273,8 @@ def _decoded(
                 nxt += 1
             i, fut = pending.pop(0)
             yield i, fut.result()
+    finally:  # also when the consumer stops early (an interrupted run): drop the files not started
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 Head = Callable[[Tensor], dict[str, Tensor]]
@@ -309,7 +348,7 @@ def run_windows(
                 if len(queue) == batch_size:
                     flush()
                     yield from finished()
-        except DECODE_ERRORS as e:  # a streamed file broke part-way: drop what it queued
+        except Exception as e:  # a streamed file broke part-way: drop what it queued
             queue[:] = [w for w in queue if w.file != i]
             results[i], pending[i] = _error(item.path, e), 0
         else:
