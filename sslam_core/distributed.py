@@ -89,6 +89,18 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on any rank (a stop request, a failed write); every rank
+    must call it at the same point. `flag` itself in a single process."""
+    if not is_distributed():
+        return bool(flag)
+    if device is None or (dist.get_backend() == "nccl") != (device.type == "cuda"):
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's `obj`, in rank order (a one-element list in a single process)."""
     if not is_distributed():
@@ -131,6 +143,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_mean",
+    "any_rank",
     "all_gather_objects",
     "broadcast_object",
     "cleanup",

@@ -22,11 +22,15 @@ continues bit-identically. Only rank 0 writes files and prints.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,9 +45,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sslam_core import distributed
+from sslam_core.interrupts import StopRequest
 from sslam_core.optim import build_optimizer, cosine_schedule, set_lr
+from sslam_core.outputs import OutputError, atomic_write, output_error
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+RUN_FILES = ("config.json", "state.pt", "model.safetensors", "model-best.safetensors", "metrics.jsonl")
+RUN_FILES += ("split.json",)
+RUN_FOLDERS = ("checkpoints", "tensorboard")
+
+
+class RunFolderError(ValueError):
+    """A run folder that may not be trained into as asked (it holds a run); the message says why."""
 
 
 @dataclass
@@ -125,19 +141,50 @@ def train(
     resume: bool = False,
     stop_at: int | None = None,
     meta: dict | None = None,
+    overwrite: bool = False,
+    files: dict[str, str] | None = None,
 ) -> dict:
     """Optimise task.model for config.steps updates; returns a summary dict.
 
     resume: continue from out_dir/state.pt when it exists. stop_at: save and return once this step is
     reached (the schedule still spans config.steps), to split one run over several jobs. meta: extra
-    settings (model, data) recorded in config.json.
+    settings (model, data) recorded in config.json. overwrite: clear an old run's files first (see
+    `check_run_folder`). files: more text files for the run folder (name -> text), written with
+    config.json. SIGINT, SIGTERM and SIGUSR1 save at the next step boundary and return with
+    summary["interrupted"] set. A run that fails before its first state.pt leaves no files behind.
     """
     config.check()
     info = distributed.init_distributed(config.device)
-    device, main = info.device, info.rank == 0
     out = Path(config.out_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    resuming = resume and (out / "state.pt").exists()
+    created = False
+    if info.rank == 0:
+        created = not out.exists()
+        _make_folder(out)
+        if overwrite and not resuming:
+            clear_run(out)
+    try:
+        with StopRequest(STOP_SIGNALS) as stop:
+            return _train(task, config, info, resume, stop_at, meta, files or {}, stop)
+    except BaseException:
+        if info.rank == 0 and not resuming and not (out / "state.pt").exists():
+            _remove_unsaved_run(out, created, files or {})
+        raise
+
+
+def _train(
+    task: TrainingTask,
+    config: TrainConfig,
+    info: distributed.DistInfo,
+    resume: bool,
+    stop_at: int | None,
+    meta: dict | None,
+    files: dict[str, str],
+    stop: StopRequest,
+) -> dict:
+    device, main = info.device, info.rank == 0
+    chatty = main and config.progress
+    out = Path(config.out_dir)
     seed_everything(config.seed + info.rank)
 
     # Model, optimiser, precision, the loss generator.
@@ -150,6 +197,7 @@ def train(
     generator.manual_seed(config.seed + 1_000_003 * info.rank)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     constant = tuple(getattr(task, "constant_state", ()))
+    schedule = _schedule(config, task)
 
     # Resume: everything that decides the trajectory comes back from state.pt.
     step, epoch, position, best = 0, 0, 0, None
@@ -167,14 +215,18 @@ def train(
             warnings.warn(
                 f"{state_path}: no RNG state for rank {info.rank}; resumed run is not exact", stacklevel=2
             )
-        _say(main, f"resumed from {state_path} at step {step}")
+        _say(chatty, f"resumed from {state_path} at step {step}")
+        old = state.get("schedule") or _schedule(TrainConfig.from_dict(state["config"]), None)
+        _say(main, schedule_change(old, schedule, step))
     elif resume:
-        _say(main, f"no checkpoint in {out}; starting from step 0")
+        _say(chatty, f"no checkpoint in {out}; starting from step 0")
     start_step = step
 
     if main:
         resolved = {**config.to_dict(), "world_size": info.world_size, "device": str(device)}
-        atomic_write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
+        _write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
+        for name, text in files.items():
+            _write_text(out / name, text)
     metrics = MetricsLog(out / "metrics.jsonl", keep_through=step) if main else None
     writer = _tensorboard(out, step) if main and config.tensorboard else None
 
@@ -196,17 +248,50 @@ def train(
     else:
         ddp, compute_loss = None, loss_module
 
+    def save(evaluate: bool) -> None:
+        """Model export, evaluation, best copy, then the resumable state (all ranks give RNGs). A write
+        error on rank 0 stops every rank with one OutputError; the previous state.pt stays."""
+        nonlocal best
+        rngs = distributed.all_gather_objects(get_rng_state(generator))
+        failure = None
+        if main:
+            try:
+                _export(task, out / "model.safetensors")
+                if evaluate and hasattr(task, "evaluate"):
+                    scores = task.evaluate()
+                    model.train()
+                    best = _keep_best(config, out, scores, best, step, metrics, writer)
+                state = {
+                    "model": _saved_state(model, constant),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "position": position,
+                    "best": best,
+                    "rng": rngs,
+                    "config": config.to_dict(),
+                    "schedule": schedule,
+                }
+                atomic_torch_save(state, state_path)
+                if config.keep_last > 0:
+                    _keep_numbered(out, step, config.keep_last)
+            except OutputError as e:
+                failure = e
+        _raise_if_any(failure, device)
+
     stream = _endless_batches(task, config.seed, info, epoch, position)
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     clips_per_update = config.batch_size * config.grad_accum * info.world_size
-    bar = tqdm(total=config.steps, initial=step, disable=not (main and config.progress), dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, disable=not chatty, dynamic_ncols=True, file=sys.stderr)
     sums: dict[str, Any] = {}
     micro_steps, clips_since_log = 0, 0
     run_start = log_start = time.perf_counter()
     last: dict[str, float] = {}
     end = config.steps if stop_at is None else min(stop_at, config.steps)
+    stopping = False
 
-    while step < end:
+    while step < end and not stopping:
         lr = cosine_schedule(step, config.warmup, config.steps, config.lr, config.min_lr)
         set_lr(optimizer, lr)
 
@@ -236,8 +321,11 @@ def train(
         extra = task.after_step(step) if hasattr(task, "after_step") else None
         bar.update(1)
 
+        # Stop on a signal at this step boundary: every rank learns of it here, so all stop together.
+        stopping = distributed.any_rank(stop.requested, device)
+
         # Log: averages since the last log line, over micro-steps and ranks.
-        if step % config.log_every == 0 or step == end:
+        if step % config.log_every == 0 or step == end or stopping:
             now = time.perf_counter()
             values = {k: float(v) / micro_steps for k, v in sums.items()}
             values["grad_norm"] = grad_norm
@@ -245,46 +333,139 @@ def train(
             clips_per_s = clips_since_log * info.world_size / max(now - log_start, 1e-9)
             last = {"step": step, "epoch": epoch, "lr": lr, **values, **(extra or {})}
             last["clips_per_s"] = clips_per_s
+            failure = None
             if main:
-                metrics.write(last)
+                try:
+                    metrics.write(last)
+                except OutputError as e:
+                    failure = e
                 if writer is not None:
                     for k, v in last.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix_str(_postfix(last), refresh=False)
+            _raise_if_any(failure, device)
             sums, micro_steps, clips_since_log, log_start = {}, 0, 0, now
 
-        # Save: model export, evaluation, best copy, then the resumable state (all ranks give RNGs).
-        if step % config.save_every == 0 or step == end:
-            rngs = distributed.all_gather_objects(get_rng_state(generator))
-            if main:
-                _export(task, out / "model.safetensors")
-                if hasattr(task, "evaluate"):
-                    scores = task.evaluate()
-                    model.train()
-                    best = _keep_best(config, out, scores, best, step, metrics, writer)
-                state = {
-                    "model": _saved_state(model, constant),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "position": position,
-                    "best": best,
-                    "rng": rngs,
-                    "config": config.to_dict(),
-                }
-                atomic_torch_save(state, state_path)
-                if config.keep_last > 0:
-                    _keep_numbered(out, step, config.keep_last)
-            distributed.barrier()
+        # Save (an interrupted run skips the evaluation: the scheduler's grace period is short).
+        if step % config.save_every == 0 or step == end or stopping:
+            save(evaluate=not stopping)
 
     bar.close()
     if writer is not None:
         writer.close()
     elapsed = time.perf_counter() - run_start
     throughput = (step - start_step) * clips_per_update / max(elapsed, 1e-9)
-    return _summary(config, out, step, start_step, elapsed, {**last, "clips_per_s": throughput}, best, main)
+    summary = _summary(
+        config, out, step, start_step, elapsed, {**last, "clips_per_s": throughput}, best, main
+    )
+    if stopping:
+        signum = stop.signum if stop.signum is not None else signal.SIGTERM  # a signal at another rank
+        summary["interrupted"] = signal.Signals(signum).name
+        summary["exit_code"] = stop_exit_code(signum)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders, signals, schedule changes
+
+
+def run_files(out: str | os.PathLike) -> list[str]:
+    """The names of a run's files and folders present in `out` (empty for an empty or new folder)."""
+    out = Path(out)
+    return [name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).exists()]
+
+
+def check_run_folder(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Before any work: refuse to train into a folder that holds a run unless `resume` (continue it) or
+    `overwrite` (clear it and start again); an empty or missing folder is fine."""
+    if resume and overwrite:
+        raise RunFolderError("give --resume or --overwrite, not both")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out}: exists and is not a folder")
+    found = run_files(out)
+    if found and not (resume or overwrite):
+        raise RunFolderError(
+            f"{out} holds a run ({', '.join(found[:3])}); pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+
+
+def clear_run(out: str | os.PathLike) -> None:
+    """Remove a run's files (and numbered checkpoints, events) from `out`; other files stay."""
+    out = Path(out)
+    for name in run_files(out):
+        try:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
+        except OSError as e:
+            raise output_error(out / name, e, "cannot remove") from e
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(out, e, "cannot create the folder") from e
+
+
+def _remove_unsaved_run(out: Path, created: bool, files: dict[str, str]) -> None:
+    """After a failure before the first state.pt: remove what this run wrote (best effort)."""
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", *files):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if created:
+        try:
+            out.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def stop_exit_code(signum: int) -> int:
+    """Exit status after a signal-stopped run: 128 + signal (130 SIGINT, 143 SIGTERM); SIGUSR1 (the
+    scheduler's warning before its time limit) gives 143 too: saved but not finished."""
+    return 143 if signum == getattr(signal, "SIGUSR1", None) else 128 + signum
+
+
+def _raise_if_any(failure: OutputError | None, device: torch.device) -> None:
+    """Raise `failure` (rank 0's write error) on rank 0 and a one-line error on every other rank."""
+    if distributed.any_rank(failure is not None, device):
+        raise failure or OutputError(errno.EIO, "rank 0 could not write the run folder; stopping")
+
+
+def _schedule(config: TrainConfig, task: Any) -> dict:
+    """What shapes the trajectory's schedule: length, warm-up, lr range, plus the task's (EMA anneal)."""
+    own = {"steps": config.steps, "warmup": config.warmup, "lr": config.lr, "min_lr": config.min_lr}
+    return {**own, **(getattr(task, "schedule", None) or {})}
+
+
+def schedule_change(old: dict, new: dict, step: int) -> str:
+    """One line naming what changed in the schedule since state.pt was saved ('' when nothing did)."""
+    changed = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+    if not changed:
+        return ""
+    return (
+        f"note: resuming at step {step} with a changed schedule ({', '.join(changed)}): the warm-up, "
+        "the cosine decay and any EMA anneal follow the new values from here, so this is not the "
+        "trajectory the run started on"
+    )
+
+
+def fit_batch_size(batch_size: int, clips: int, world_size: int = 1) -> int:
+    """`batch_size`, or the clips per rank when there are fewer (one batch per epoch); an error when
+    there is not one clip per rank."""
+    per_rank = clips // world_size
+    if per_rank < 1:
+        raise ValueError(f"{clips} clip(s) are too few for {world_size} rank(s)")
+    return min(batch_size, per_rank)
+
+
+def note(text: str) -> None:
+    """One line on stderr from rank 0 (through tqdm, so a progress bar is not broken)."""
+    _say(distributed.is_main(), text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,29 +552,77 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 # Files: atomic writes, metrics log, exports, best and numbered copies.
 
 
+def _write_error(path: Path, e: Exception) -> OutputError | None:
+    """An OutputError naming `path` for an OS-level write failure: an OSError, or the RuntimeError /
+    SafetensorError whose message carries the OS error (`... (os error 28)`); None for other errors."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m.group(1))
+    if code is None:
+        return None
+    return output_error(path, OSError(code, os.strerror(code)))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic UTF-8 text file; OS errors as one-line OutputErrors naming `path`."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_text(Path(path), text)
+
+
+class _Writer:
+    """A file wrapper that remembers the OSError of a failed write (torch.save reports it as a
+    RuntimeError with no errno)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, tmp: str) -> None:
+    with open(tmp, "wb") as f:
+        writer = _Writer(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic(Path(path), lambda tmp: _torch_save(obj, tmp))
+
+
+def _atomic(path: Path, write) -> None:
+    """outputs.atomic_write, with OS-level failures of any kind as one OutputError naming `path`."""
+    try:
+        atomic_write(path, write)
+    except Exception as e:
+        err = e if isinstance(e, OutputError) and str(path) in str(e) else _write_error(path, e)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _export(task: TrainingTask, path: Path) -> None:
     """task.export into a temporary name first, so a crash never leaves a half-written model."""
-    tmp = path.with_name("tmp-" + path.name)
-    task.export(tmp)
-    os.replace(tmp, path)
+    _atomic(path, task.export)
 
 
 def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name("tmp-" + dst.name)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class MetricsLog:
@@ -409,11 +638,14 @@ class MetricsLog:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        _write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise output_error(self.path, e) from e
 
 
 def _tensorboard(out: Path, step: int):
@@ -449,7 +681,6 @@ def _keep_best(config: TrainConfig, out: Path, scores: dict, best: dict | None, 
 def _keep_numbered(out: Path, step: int, keep: int) -> None:
     """Copy this step's export to checkpoints/model-{step}.safetensors and drop all but the newest `keep`."""
     folder = out / "checkpoints"
-    folder.mkdir(exist_ok=True)
     _copy(out / "model.safetensors", folder / f"model-{step:08d}.safetensors")
     for old in sorted(folder.glob("model-*.safetensors"))[:-keep]:
         old.unlink()
@@ -459,9 +690,10 @@ def _keep_numbered(out: Path, step: int, keep: int) -> None:
 # Console
 
 
-def _say(main: bool, text: str) -> None:
-    if main:
-        tqdm.write(text)
+def _say(show: bool, text: str) -> None:
+    """A line on stderr when `show` (rank 0, and for progress lines not --quiet) and `text`."""
+    if show and text:
+        tqdm.write(text, file=sys.stderr)
 
 
 def _is_constant(key: str, constant: tuple[str, ...]) -> bool:
@@ -509,12 +741,13 @@ def _summary(config, out: Path, step: int, start: int, elapsed: float, last: dic
     }
     if main and config.progress:
         terms = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "epoch"))
-        tqdm.write(
-            f"done: step {step} ({step - start} this run, {elapsed:.1f} s){'; ' + terms if terms else ''}"
+        _say(
+            True,
+            f"done: step {step} ({step - start} this run, {elapsed:.1f} s){'; ' + terms if terms else ''}",
         )
         if best is not None:
-            tqdm.write(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
-        tqdm.write(f"model: {out / 'model.safetensors'}")
+            _say(True, f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
+        _say(True, f"model: {out / 'model.safetensors'}")
     return summary
 
 
@@ -527,4 +760,13 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "MetricsLog",
+    "RunFolderError",
+    "STOP_SIGNALS",
+    "check_run_folder",
+    "clear_run",
+    "fit_batch_size",
+    "note",
+    "run_files",
+    "schedule_change",
+    "stop_exit_code",
 ]
