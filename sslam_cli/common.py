@@ -163,21 +163,35 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
-def render(*renderables) -> str:
-    """Rich tables and text as a string for stdout: at the terminal's width when stdout is one, else
-    without wrapping (pipes, files), so that long paths and rows stay on one line. Build cells with
-    `cell()` so that brackets in names are not read as markup."""
+def render(*renderables, terminal: bool | None = None) -> str:
+    """Rich tables and text as a string: at the terminal's width for a terminal (default: when stdout
+    is one), else without wrapping (pipes, files), so that long paths and rows stay on one line.
+    Build cells with `cell()` so that brackets in names are not read as markup."""
     import io
     import shutil
 
-    width = shutil.get_terminal_size().columns if stdout_is_tty() else 100_000
-    out = Console(record=True, width=width, file=io.StringIO(), soft_wrap=not stdout_is_tty())
+    terminal = stdout_is_tty() if terminal is None else terminal
+    width = shutil.get_terminal_size().columns if terminal else 100_000
+    out = Console(record=True, width=width, file=io.StringIO())
     for r in renderables:
         out.print(r)
     text = out.export_text()
-    if stdout_is_tty():
+    if terminal:
         return text
     return "".join(line.rstrip() + "\n" for line in text.splitlines())
+
+
+def echo(text: str) -> None:
+    """Write `text` to stdout now (results stream as they finish). A closed pipe (`| head`) ends the
+    command quietly."""
+    import os
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_OK) from None
 
 
 def cell(value) -> Text:

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
 from sslam_cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
+    EXIT_USAGE,
     BatchSize,
     Device,
     Hop,
@@ -22,16 +22,24 @@ from sslam_cli.common import (
     Precision,
     Window,
     Workers,
+    cell,
     check_precision,
+    claim_or_fail,
+    echo,
     err_console,
     fail,
     frames_or_fail,
+    interrupted,
     load_model_or_fail,
+    note,
     parse_norm,
     pick_device,
+    render,
     warn,
-    write_text_atomic,
 )
+
+FORMATS = ("table", "json", "csv")
+CSV_HEADER = ["path", "scope", "start", "end", "rank", "label", "mid", "score"]
 
 
 def tag(
@@ -45,7 +53,7 @@ def tag(
         help="Fine-tuned checkpoint: .pt, folder, .safetensors, run dir or hub id "
         "[default: ta012/SSLAM_AS2M_Finetuned].",
     ),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="Labels to report per file."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels to report per file."),
     threshold: float = typer.Option(
         None, "--threshold", "-t", help="Only report labels scoring at least this."
     ),
@@ -59,22 +67,44 @@ def tag(
     plot: Path = typer.Option(
         None, "--plot", help="PNG heatmap of the top classes over time (needs matplotlib)."
     ),
-    labels: Path = typer.Option(None, "--labels", help="CSV of class names for a custom head."),
+    labels: Path = typer.Option(
+        None,
+        "--labels",
+        help="Class names for a custom head: a CSV (index,mid,display_name) or one per line.",
+    ),
+    audio_dir: str = typer.Option(
+        None, "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
+    ),
     norm: Norm = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --output / --plot files."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Finish an interrupted run with --output without redoing finished files."
+    ),
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file."""
     from sslam_core.checkpoints import DEFAULT_TAGGER
     from sslam_core.inputs import collect_inputs
-    from sslam_core.labels import read_label_csv
+    from sslam_core.interrupts import StopRequest
+    from sslam_core.labels import LabelError, read_label_csv
     from sslam_core.model import Classifier
+    from sslam_core.outputs import OutputError
     from sslam_core.tagging import tag as run_tag
+    from sslam_core.text_journal import TextJournal
 
-    if fmt not in ("table", "json", "csv"):
+    if fmt not in FORMATS:
         fail(f"--format {fmt!r}: choose table, json or csv")
+    if resume and output is None:
+        fail("--resume continues a run written with --output FILE")
+    if norm is not None:
+        parse_norm(norm)
+    if output is not None:
+        claim_or_fail(output, overwrite or resume, "--overwrite (or --resume to finish an interrupted run)")
+    if plot is not None:
+        _check_plotting(plot)
     dev = pick_device(device)
     check_precision(precision, dev)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev)
@@ -84,113 +114,179 @@ def tag(
     if labels is not None:
         try:
             names = read_label_csv(labels)
-        except (OSError, ValueError) as e:
-            fail(f"{labels}: {e}")
+        except LabelError as e:
+            fail(str(e))
     if names is None or len(names) != model.cfg.num_classes:
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
     frames, hop_frames = frames_or_fail(model, window, hop)
-    inputs = collect_inputs(paths)
+    inputs = collect_inputs(paths, audio_dir)
+    for problem in inputs.problems:
+        warn(problem)
     if not inputs:
         fail("no audio files found in " + ", ".join(paths))
+    plots = _plot_paths(plot, len(inputs)) if plot is not None else None
+    for target in plots or ():
+        claim_or_fail(target, overwrite or resume)
 
-    multilabel = getattr(model, "multilabel", True)
-    results, skipped = [], []
-    bar = tqdm(total=len(inputs), unit="file", disable=len(inputs) < 2, file=err_console.file)
-    stream = run_tag(
-        model,
-        [p for p, _ in inputs],
-        target_length=frames,
-        hop=hop_frames,
-        multilabel=multilabel,
-        batch_size=batch_size,
-        workers=workers,
-        device=dev,
-        precision=precision,
-        normalization=parse_norm(norm, model.normalization),
-    )
-    for (_, name), res in zip(inputs, stream, strict=True):
-        res.path = name
-        bar.update()
-        if res.error:
-            warn(res.error)
-            skipped.append(res)
-        else:
-            results.append(res)
-    bar.close()
-
-    text = _render(results, names, fmt, top_k, threshold, timeline)
+    settings = {"inputs": inputs.names, "checkpoint": checkpoint or DEFAULT_TAGGER, "format": fmt}
+    settings.update(top_k=top_k, threshold=threshold, timeline=timeline, window=frames, hop=hop_frames)
+    settings.update(norm=norm, labels=str(labels) if labels else None)
+    journal = None
     if output is not None:
-        write_text_atomic(str(output), text)
-    elif fmt == "table":
-        Console().print(text, end="")
-    else:
-        typer.echo(text, nl=False)
-    if plot is not None:
-        from sslam_core.plots import plot_timeline
+        header = _csv_rows([CSV_HEADER]) if fmt == "csv" else ""
+        try:
+            journal = TextJournal(output, settings, resume=resume, header=header)
+        except OutputError as e:
+            fail(str(e))
+    elif fmt == "csv":
+        echo(_csv_rows([CSV_HEADER]))
+    done = journal.done if journal else {}
+    if done:
+        note(f"resuming: {len(done)} file(s) already done in {journal.parts}")
+    todo = [(i, path, name) for i, (path, name) in enumerate(inputs.files) if name not in done]
 
-        for i, res in enumerate(results):
-            target = plot if len(results) == 1 else plot.with_name(f"{plot.stem}-{i:03d}{plot.suffix}")
-            plot_timeline(res, names, target, top_k=max(top_k, 1))
+    tagged = sum(e is None for e in done.values())
+    skipped = len(done) - tagged
+    bar = tqdm(
+        total=len(inputs), initial=len(done), unit="file", disable=len(inputs) < 2, file=err_console.file
+    )
+    with StopRequest() as stop:
+        stream = run_tag(
+            model,
+            [path for _, path, _ in todo],
+            target_length=frames,
+            hop=hop_frames,
+            multilabel=getattr(model, "multilabel", True),
+            batch_size=batch_size,
+            workers=workers,
+            device=dev,
+            precision=precision,
+            normalization=parse_norm(norm, model.normalization),
+            stop=lambda: stop.requested,
+        )
+        try:
+            for (i, _, name), res in zip(todo, stream, strict=False):  # shorter when interrupted
+                res.path = name
+                bar.update()
+                text = "" if res.error else _render(res, names, fmt, top_k, threshold, timeline, output)
+                if res.error:
+                    bar.clear()
+                    warn(res.error)
+                    skipped += 1
+                else:
+                    tagged += 1
+                    if plots is not None:
+                        _plot(res, names, plots[i], top_k)
+                if journal is not None:
+                    journal.add(name, text, res.error)
+                elif text:
+                    echo(text)
+                if stop.requested:
+                    break
+        except OutputError as e:
+            bar.close()
+            fail(f"{e}; the finished files are kept, rerun with --resume once it is fixed")
+        finally:
+            stream.close()
+        bar.close()
+        if stop.requested:
+            if journal is not None:
+                journal.close()
+            interrupted(stop, tagged + skipped, resumable=journal is not None)
+    if journal is not None:
+        try:
+            journal.finish()
+        except OutputError as e:
+            fail(str(e))
     if len(inputs) > 1 or skipped:
-        err_console.print(f"tagged {len(results)} file(s), skipped {len(skipped)}")
-    raise typer.Exit(EXIT_SKIPPED if skipped else EXIT_OK)
+        note(f"tagged {tagged} file(s), skipped {skipped}")
+    raise typer.Exit(EXIT_USAGE if not tagged else EXIT_SKIPPED if skipped else EXIT_OK)
+
+
+def _check_plotting(plot: Path) -> None:
+    """--plot needs a .png name and matplotlib; say so before any work."""
+    from sslam_core.plots import pyplot
+
+    if plot.suffix.lower() != ".png":
+        fail(f"--plot {plot}: expected a .png file")
+    try:
+        pyplot()
+    except RuntimeError as e:
+        fail(str(e))
+
+
+def _plot_paths(plot: Path, n: int) -> list[Path]:
+    """One PNG per input: PLOT itself for one input, else PLOT-000.png ... numbered by input."""
+    if n == 1:
+        return [plot]
+    return [plot.with_name(f"{plot.stem}-{i:03d}{plot.suffix}") for i in range(n)]
+
+
+def _plot(res, names, target: Path, top_k: int) -> None:
+    from sslam_core.outputs import OutputError, atomic_write
+    from sslam_core.plots import plot_timeline
+
+    try:
+        atomic_write(target, lambda tmp: plot_timeline(res, names, tmp, top_k=max(top_k, 1)))
+    except OutputError as e:
+        fail(f"{e}; the files tagged so far are kept")
 
 
 def _labels(res, names, top_k, threshold) -> list[dict]:
     return [{"label": n, "mid": m, "score": round(s, 6)} for n, m, s in res.top(names, top_k, threshold)]
 
 
-def _render(results, names, fmt, top_k, threshold, timeline) -> str:
+def _csv_rows(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _render(res, names, fmt: str, top_k: int, threshold, timeline: bool, output) -> str:
+    """One file's results in `fmt`: a JSON line, its CSV rows, or its table(s)."""
+    chosen = res.top(names, top_k, threshold)
+    index = {m: i for i, (m, _) in enumerate(names)}
     if fmt == "json":
-        lines = []
-        for res in results:
-            chosen = _labels(res, names, top_k, threshold)
-            obj = {"path": res.path, "duration": round(res.duration, 4), "labels": chosen}
-            if timeline:
-                idx = [next(i for i, (m, _) in enumerate(names) if m == c["mid"]) for c in chosen]
-                obj["segments"] = [
-                    {
-                        "start": round(a, 3),
-                        "end": round(b, 3),
-                        "scores": {names[i][1]: round(float(s[i]), 6) for i in idx},
-                    }
-                    for a, b, s in res.segments
-                ]
-            lines.append(json.dumps(obj, ensure_ascii=False))
-        return "".join(line + "\n" for line in lines)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "scope", "start", "end", "rank", "label", "mid", "score"])
-        for res in results:
-            chosen = res.top(names, top_k, threshold)
-            for r, (n, m, s) in enumerate(chosen, 1):
-                w.writerow([res.path, "clip", 0.0, round(res.duration, 3), r, n, m, f"{s:.6f}"])
-            if timeline:
-                idx = {m: i for i, (m, _) in enumerate(names)}
-                for a, b, s in res.segments:
-                    for r, (n, m, _) in enumerate(chosen, 1):
-                        w.writerow(
-                            [res.path, "segment", round(a, 3), round(b, 3), r, n, m, f"{s[idx[m]]:.6f}"]
-                        )
-        return buf.getvalue()
-    out = Console(record=True, width=100, file=io.StringIO())
-    for res in results:
-        table = Table(title=f"{res.path} ({res.duration:.2f} s)", title_justify="left")
-        table.add_column("label")
-        table.add_column("mid")
-        table.add_column("score", justify="right")
-        for n, m, s in res.top(names, top_k, threshold):
-            table.add_row(n, m, f"{s:.3f}")
-        out.print(table)
+        obj = {
+            "path": res.path,
+            "duration": round(res.duration, 4),
+            "labels": _labels(res, names, top_k, threshold),
+        }
         if timeline:
-            seg = Table(show_header=True)
-            seg.add_column("start")
-            seg.add_column("end")
-            seg.add_column("top labels")
+            obj["segments"] = [
+                {
+                    "start": round(a, 3),
+                    "end": round(b, 3),
+                    "scores": {n: round(float(s[index[m]]), 6) for n, m, _ in chosen},
+                }
+                for a, b, s in res.segments
+            ]
+        return json.dumps(obj, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        rows = [
+            [res.path, "clip", 0.0, round(res.duration, 3), r, n, m, f"{s:.6f}"]
+            for r, (n, m, s) in enumerate(chosen, 1)
+        ]
+        if timeline:
             for a, b, s in res.segments:
-                best = sorted(range(len(s)), key=lambda i: -s[i])[: max(top_k, 1)]
-                seg.add_row(f"{a:.2f}", f"{b:.2f}", ", ".join(f"{names[i][1]} {s[i]:.2f}" for i in best))
-            out.print(seg)
-    return out.export_text()
+                rows += [
+                    [res.path, "segment", round(a, 3), round(b, 3), r, n, m, f"{s[index[m]]:.6f}"]
+                    for r, (n, m, _) in enumerate(chosen, 1)
+                ]
+        return _csv_rows(rows)
+    table = Table(title=cell(f"{res.path} ({res.duration:.2f} s)"), title_justify="left")
+    for name in ("label", "mid", "score"):
+        table.add_column(name, justify="right" if name == "score" else "left")
+    for n, m, s in chosen:
+        table.add_row(cell(n), cell(m), f"{s:.3f}")
+    tables = [table]
+    if timeline:
+        seg = Table(show_header=True)
+        for name in ("start", "end", "top labels"):
+            seg.add_column(name)
+        for a, b, s in res.segments:
+            best = sorted(range(len(s)), key=lambda i: -s[i])[: max(top_k, 1)]
+            seg.add_row(f"{a:.2f}", f"{b:.2f}", cell(", ".join(f"{names[i][1]} {s[i]:.2f}" for i in best)))
+        tables.append(seg)
+    return render(*tables, terminal=None if output is None else False)

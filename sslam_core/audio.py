@@ -178,6 +178,12 @@ def _sf_error(path: str | os.PathLike, err: Exception) -> AudioError:
     return AudioError(path, f"cannot decode audio ({reason.strip()})")
 
 
+def _av_reason(err: Exception) -> str:
+    """FFmpeg's reason without the errno and file name PyAV wraps it in."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return str(reason).strip()
+
+
 def _mono(samples: np.ndarray) -> torch.Tensor:
     """(frames, channels) float32 -> 1-D float32 by the channel mean."""
     x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
@@ -249,7 +255,7 @@ def _av_blocks(path: str | os.PathLike) -> tuple[int, Iterator[torch.Tensor]]:
         container.close()
         raise AudioError(path, "no audio stream") from err
     except Exception as err:
-        raise AudioError(path, f"cannot decode audio ({str(err).splitlines()[0]})") from err
+        raise AudioError(path, f"cannot decode audio ({_av_reason(err)})") from err
     rate = stream.codec_context.sample_rate or stream.rate
     if not rate:
         container.close()
@@ -270,7 +276,7 @@ def _av_blocks(path: str | os.PathLike) -> tuple[int, Iterator[torch.Tensor]]:
                         data = (data.astype(np.float32) - offset) / scale
                     yield _mono(data)
             except Exception as err:
-                raise AudioError(path, f"cannot decode audio ({str(err).splitlines()[0]})") from err
+                raise AudioError(path, f"cannot decode audio ({_av_reason(err)})") from err
 
     return int(rate), blocks()
 
@@ -324,7 +330,7 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
     except StopIteration as err:
         raise AudioError(path, "no audio stream") from err
     except Exception as err:
-        raise AudioError(path, f"cannot read audio header ({str(err).splitlines()[0]})") from err
+        raise AudioError(path, f"cannot read audio header ({_av_reason(err)})") from err
     frames = round(seconds * rate)
     return rate, frames, channels, frames / rate
 

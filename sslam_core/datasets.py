@@ -200,8 +200,13 @@ def read_labelled(
     return _build(parsed, path, classes, folds, multilabel)
 
 
-def _list_file(path: str, audio_dir: str | None) -> list[str]:
-    """Audio paths named by a fairseq .tsv manifest or a plain one-path-per-line list."""
+def read_file_list(
+    path: str, audio_dir: str | None = None, missing_ok: bool = False
+) -> tuple[str, list[str]]:
+    """(base folder, audio paths) of a fairseq .tsv manifest (its first line is the root, which
+    `audio_dir` overrides) or a plain one-path-per-line list (relative to the list's folder). Paths
+    keep the form they were given in. A listed file that does not exist is an error unless
+    `missing_ok` (then decoding reports it, file by file)."""
     lines = read_lines(path)
     manifest = path.lower().endswith(".tsv")
     if manifest:
@@ -211,18 +216,18 @@ def _list_file(path: str, audio_dir: str | None) -> list[str]:
             )
         base, start = audio_dir or lines[0].strip(), 1
     else:
-        base, start = audio_dir or os.path.dirname(os.path.abspath(path)), 0
+        base, start = audio_dir or os.path.dirname(path), 0
     out = []
     for number, line in enumerate(lines[start:], start + 1):
         entry = line.split("\t")[0].strip() if manifest else line.strip()
         if not entry or entry.startswith("#"):
             continue
         full = os.path.join(base, entry)
-        if not os.path.isfile(full):
-            hint = " (pass audio_dir to override the manifest root)" if manifest and not audio_dir else ""
+        if not missing_ok and not os.path.isfile(full):
+            hint = " (pass --audio-dir to override the manifest root)" if manifest and not audio_dir else ""
             raise DatasetError(f"{path}:{number}: audio file not found: {full}{hint}")
         out.append(full)
-    return out
+    return base, out
 
 
 def list_audio(
@@ -251,7 +256,7 @@ def list_audio(
         elif item.lower().endswith(extensions):
             out.append(item)
         else:
-            out += _list_file(item, audio)
+            out += read_file_list(item, audio)[1]
     return out
 
 

@@ -280,6 +280,7 @@ def _decoded(
 Head = Callable[[Tensor], dict[str, Tensor]]
 
 
+
 def default_batching(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
     """Windows per forward pass and decoding threads: on CPU, batches of 4 (the most clips/s of a
     ViT-B on 2 cores) and one decoding thread, so decoding does not steal the cores the model needs;
@@ -300,10 +301,13 @@ def run_windows(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     normalization: str | tuple[float, float] = "audioset",
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[FileResult]:
     """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
     per-window outputs (B, ...). Yields one FileResult per source, in order. `batch_size` and
-    `workers` default to what suits the device (see `default_batching`)."""
+    `workers` default to what suits the device (see `default_batching`). When `stop()` turns true
+    (a signal, see `interrupts`), the run ends before the next batch: the files finished so far have
+    been yielded, the rest are not."""
     device = torch.device(device)
     batch_size, workers = default_batching(device, batch_size, workers)
     sources = list(sources)
@@ -313,6 +317,9 @@ def run_windows(
     decoding: set[int] = set()  # files whose windows are still being cut
     queue: list[Window] = []
     next_out = 0
+
+    def stopping() -> bool:
+        return stop is not None and stop()
 
     def flush() -> None:
         x = prepare_input([w.wave.to(device) for w in queue], target_length=target_length, norm=normalization)
@@ -333,6 +340,8 @@ def run_windows(
             next_out += 1
 
     for i, item in _decoded(sources, target_length, hop, workers):
+        if stopping():
+            return
         if isinstance(item, FileResult):
             results[i] = item
             yield from finished()
@@ -346,6 +355,8 @@ def run_windows(
                 queue.append(w)
                 pending[i] += 1
                 if len(queue) == batch_size:
+                    if stopping():
+                        return
                     flush()
                     yield from finished()
         except Exception as e:  # a streamed file broke part-way: drop what it queued
@@ -356,6 +367,8 @@ def run_windows(
         decoding.discard(i)
         yield from finished()
     if queue:
+        if stopping():
+            return
         flush()
     yield from finished()
 

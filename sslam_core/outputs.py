@@ -4,7 +4,8 @@ operating-system failures (full disk, no permission, read-only file system) into
 Every command writes its results through these helpers, so the rules are the same everywhere:
 - `claim_output(path, overwrite)` before any work: refuses an existing output unless `overwrite`,
   creates missing parent folders and checks that the folder is writable;
-- `atomic_write(path, write)`: `write(tmp)` fills a temporary file in the same folder, which is
+- `atomic_write(path, write)`: `write(tmp)` fills a temporary file in the same folder (its name ends
+  in `path`'s suffix, for writers that pick the format by it), which is
   flushed, given the ordinary file mode (0666 less the umask, like `open`) and renamed over `path`;
   on any failure the temporary file is removed and the old `path`, if any, is untouched.
 """
@@ -79,7 +80,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise output_error(path, e) from e

@@ -246,7 +246,7 @@ def test_list_audio_manifest_root_override(tmp_path):
         _wav(tmp_path / "Square_audio_files" / f"{name}.wav")
     expected = [str(tmp_path / "Square_audio_files" / f"{n}.wav") for n in names]
     assert list_audio(SPASS / "train.tsv", audio_dir=tmp_path) == expected
-    with pytest.raises(DatasetError, match=r"train\.tsv:2: audio file not found: /mnt/.* \(pass audio_dir"):
+    with pytest.raises(DatasetError, match=r"train\.tsv:2: audio file not found: /mnt/.* \(pass --audio-dir"):
         list_audio(SPASS / "train.tsv")
 
 
