@@ -2,4 +2,4 @@
 
 from sslam_cli.main import app
 
-app()
+app(prog_name="sslam")

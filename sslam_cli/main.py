@@ -1,10 +1,24 @@
-"""The `sslam` command line: a thin Typer layer over `sslam_core`, one module per command."""
+"""The `sslam` command line: a thin Typer layer over `sslam_core`, one module per command.
+
+Help is rendered by click's plain formatter (`rich_markup_mode=None`): help strings are plain text,
+so `[default: ...]` and other brackets print as written instead of being read as Rich markup.
+"""
 
 from __future__ import annotations
+
+import shutil
 
 import typer
 
 from sslam_cli import convert, evaluate, extract, finetune, pack, plot, pretrain, stats, tag
+
+PIPED_HELP_WIDTH = 100
+
+
+def help_width() -> int:
+    """Columns for help: COLUMNS when set, else the terminal's width, else (piped) 100."""
+    return shutil.get_terminal_size(fallback=(PIPED_HELP_WIDTH, 24)).columns
+
 
 app = typer.Typer(
     name="sslam",
@@ -12,13 +26,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"terminal_width": help_width(), "max_content_width": help_width()},
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sslam_core import __version__
+
+        typer.echo(f"sslam {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+) -> None:
     """Process-wide settings shared by every command."""
-    from sslam_core.inference import limit_heap_fragmentation
+    from sslam_core.process import limit_heap_fragmentation
 
     limit_heap_fragmentation()
 
