@@ -6,18 +6,21 @@ import os
 
 import typer
 
-from sslam_cli.common import check_precision, err_console, fail, parse_folds, parse_norm, pick_device
+from sslam_cli.common import check_precision, fail, note, parse_folds, parse_norm, pick_device
+from sslam_cli.pretrain import finish
 
 
-def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed):
-    """Training and validation LabelledSets from the options (validation uses the training classes)."""
+def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed, saved_split):
+    """Training and validation LabelledSets from the options (validation uses the training classes), and
+    the split record of --valid-fraction (`saved_split` on resume, else a new seeded split)."""
     from dataclasses import replace
 
     from sslam_core.datasets import read_labelled, split_examples
+    from sslam_core.finetuning import apply_split, split_record
 
     train_set = read_labelled(data, audio_dir, folds=folds or None, multilabel=multilabel)
     for name in train_set.missing[:1]:
-        err_console.print(f"note: {len(train_set.missing)} listed clip(s) have no audio (e.g. {name})")
+        note(f"note: {len(train_set.missing)} listed clip(s) have no audio (e.g. {name})")
     if valid is not None or valid_folds:
         valid_set = read_labelled(
             valid or data,
@@ -26,12 +29,16 @@ def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multi
             folds=valid_folds or None,
             multilabel=train_set.multilabel,
         )
+    elif valid_fraction and saved_split is not None:
+        train_set, valid_set = apply_split(train_set, saved_split)
+        return train_set, valid_set, saved_split
     elif valid_fraction:
         kept, held = split_examples(train_set.examples, valid_fraction, seed)
         train_set, valid_set = replace(train_set, examples=kept), replace(train_set, examples=held)
+        return train_set, valid_set, split_record(train_set, valid_set, valid_fraction, seed)
     else:
         valid_set = None
-    return train_set, valid_set
+    return train_set, valid_set, None
 
 
 def finetune(
@@ -93,9 +100,18 @@ def finetune(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto (torchrun sets the rank's GPU)."),
     workers: int = typer.Option(2, "--workers", "-w", help="Audio decoding workers."),
     save_every: int = typer.Option(None, "--save-every", help="Save and validate every N updates."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --output (same split of --valid-fraction)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a run already in --output (its files are removed) [off: refuse]."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar or summary on stderr (errors still) [off]."
+    ),
 ) -> None:
-    """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`."""
+    """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
+    SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
     from sslam_core import distributed
     from sslam_core.checkpoints import CheckpointError, read_checkpoint
     from sslam_core.datasets import DatasetError
@@ -104,10 +120,12 @@ def finetune(
         FinetuneError,
         FinetuneTask,
         default_steps,
+        read_split,
         recipe,
     )
     from sslam_core.finetuning import finetune as run
     from sslam_core.model import preset
+    from sslam_core.trainer import RunFolderError, check_run_folder, fit_batch_size
 
     if steps is not None and epochs is not None:
         fail("give --steps or --epochs, not both")
@@ -115,12 +133,16 @@ def finetune(
         fail("give --checkpoint, or --model PRESET for a randomly initialised baseline")
     if valid is not None and valid_fraction:
         fail("give --valid or --valid-fraction, not both")
+    try:
+        check_run_folder(out_dir, resume, overwrite)
+    except RunFolderError as e:
+        fail(str(e))
     dev = pick_device(device)
     train_precision = check_precision(precision, dev) if dev.type == "cuda" else "fp32"
     try:
         ckpt = read_checkpoint(checkpoint) if checkpoint else None
         model_config = None if ckpt else preset(model)
-        train_set, valid_set = _read_sets(
+        train_set, valid_set, split = _read_sets(
             data,
             valid,
             valid_fraction,
@@ -129,7 +151,15 @@ def finetune(
             parse_folds(valid_folds, "--valid-folds"),
             multilabel,
             seed,
+            read_split(out_dir) if resume else None,
         )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        fitted = fit_batch_size(batch_size, len(train_set), world)
+        if fitted < batch_size:
+            note(
+                f"note: --batch-size {batch_size} is more than {len(train_set)} clips allow; using {fitted}"
+            )
+            batch_size = fitted
         config = FinetuneConfig(
             target_length=target_length,
             batch_size=batch_size,
@@ -145,7 +175,6 @@ def finetune(
             workers=workers,
             precision=train_precision,
         )
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         total = steps or default_steps(linear, len(train_set), batch_size, world, epochs)
         task = FinetuneTask(train_set, valid_set, ckpt, config, seed=seed, model_config=model_config)
         train_config = recipe(
@@ -160,17 +189,43 @@ def finetune(
             seed=seed,
             precision=train_precision,
             device=str(dev) if device != "auto" else "auto",
+            progress=not quiet,
         )
     except (CheckpointError, DatasetError, FinetuneError, ValueError) as e:
         fail(str(e))
     kind = "multi-label" if task.multilabel else "multi-class"
-    err_console.print(
-        f"{'linear probe' if linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} classes "
-        f"({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; init: {task.init}"
-    )
+    if not quiet:
+        note(
+            f"{'linear probe' if linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} "
+            f"classes ({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; "
+            f"init: {task.init}"
+        )
+    sources = dict(
+        data=data, valid=valid, audio_dir=audio_dir, folds=folds, valid_folds=valid_folds,
+        valid_fraction=valid_fraction, checkpoint=checkpoint, model=model,
+    )  # fmt: skip
     try:
-        run(task, train_config, resume=resume)
-    except (DatasetError, ValueError) as e:
+        summary = run(task, train_config, resume=resume, overwrite=overwrite, data=sources, split=split)
+        rank = distributed.get_rank()
+    except (DatasetError, ValueError, OSError) as e:
         distributed.cleanup(sync=False)
         fail(str(e))
     distributed.cleanup()
+    if rank != 0:
+        if "interrupted" in summary:
+            raise typer.Exit(summary["exit_code"])
+        return
+    report = {
+        "task": "linear" if linear else "finetune",
+        "steps": summary["steps"],
+        "steps_this_run": summary["steps_this_run"],
+        "seconds": summary["seconds"],
+        "clips": len(train_set),
+        "valid_clips": len(valid_set) if valid_set else 0,
+        "classes": len(task.classes),
+        "multilabel": task.multilabel,
+        "loss": summary["last"].get("loss"),
+        "best": summary["best"],
+        "model": summary["model"],
+    }
+    finish(summary, report)

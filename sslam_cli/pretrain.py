@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslam_cli.common import fail, warn
+from sslam_cli.common import fail, note, warn
 
 Opt = typer.Option
 
@@ -37,6 +37,10 @@ def pretrain(
         str | None, Opt("--init", help="Start from a checkpoint (fairseq, HF, ours, run dir).")
     ] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its state.pt.")] = False,
+    overwrite: Annotated[
+        bool,
+        Opt("--overwrite", help="Replace a run already in --out (its files are removed) [off: refuse]."),
+    ] = False,
     stop_at: Annotated[
         int | None,
         Opt("--stop-at", help="Save and exit at this step (split a run over jobs; then --resume)."),
@@ -80,25 +84,37 @@ def pretrain(
     tensorboard: Annotated[
         bool | None, Opt("--tensorboard/--no-tensorboard", help="Also log events.")
     ] = None,
-    config: Annotated[str | None, Opt("--config", help="JSON file of settings (flag names as keys).")] = None,
-    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress line.")] = False,
+    config: Annotated[
+        str | None,
+        Opt("--config", help="JSON file of settings (flag names as keys), or a run's config.json."),
+    ] = None,
+    quiet: Annotated[
+        bool, Opt("--quiet", "-q", help="No progress bar or summary on stderr (errors still) [off].")
+    ] = False,
 ) -> None:
-    """Pre-train an EAT/SSLAM encoder; under `torchrun --nproc_per_node N` every rank runs this command."""
+    """Pre-train an EAT/SSLAM encoder; under `torchrun --nproc_per_node N` every rank runs this command.
+    SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
     from sslam_core import distributed
     from sslam_core.audio import AudioError
     from sslam_core.checkpoints import CheckpointError
     from sslam_core.datasets import DatasetError
     from sslam_core.pretraining import (
         PretrainConfigError,
+        merge_settings,
         read_config_file,
         resolve_settings,
         run_pretraining,
         saved_settings,
     )
+    from sslam_core.trainer import RunFolderError, check_run_folder
     from sslam_core.training_data import PackedDataError
 
     if not out:
         fail("-o/--out RUN_DIR is required")
+    try:
+        check_run_folder(out, resume, overwrite)
+    except RunFolderError as e:
+        fail(str(e))
     parsed_norm = None
     if norm is not None and "," in norm:
         try:
@@ -118,14 +134,21 @@ def pretrain(
     try:
         previous = saved_settings(out) if resume else {}
         from_file = read_config_file(config) if config else {}
-        settings = resolve_settings(previous, from_file, flags)
-        summary = run_pretraining(settings, resume=resume, progress=not quiet, stop_at=stop_at)
+        given = merge_settings(previous, from_file, flags)
+        settings = resolve_settings(given)
+        summary = run_pretraining(
+            settings, resume=resume, progress=not quiet, stop_at=stop_at, overwrite=overwrite, given=given
+        )
         rank = distributed.get_rank()
-    except (PretrainConfigError, CheckpointError, DatasetError, PackedDataError, AudioError, ValueError) as e:
+    except (
+        PretrainConfigError, CheckpointError, DatasetError, PackedDataError, AudioError, ValueError, OSError,
+    ) as e:  # fmt: skip
         distributed.cleanup(sync=False)
         fail(str(e))
     distributed.cleanup()
     if rank != 0:
+        if "interrupted" in summary:
+            raise typer.Exit(summary["exit_code"])
         return
     for path, reason in sorted(summary["skipped"].items()):
         warn(f"{path}: {reason}")
@@ -143,4 +166,14 @@ def pretrain(
         "rank_checksums": summary["rank_checksums"],
         "model": summary["model"],
     }
+    finish(summary, report)
+
+
+def finish(summary: dict, report: dict) -> None:
+    """The last stdout line: `report` as JSON; after a signal, the stop line on stderr and its status."""
+    if "interrupted" in summary:
+        report["interrupted"] = summary["interrupted"]
     typer.echo(json.dumps(report))
+    if "interrupted" in summary:
+        note(f"interrupted at step {summary['steps']}; rerun with --resume to continue")
+        raise typer.Exit(summary["exit_code"])

@@ -16,6 +16,7 @@ smoothing 0.1 and no mixup for multi-class data; linear probes at lr 1e-3 for 50
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from sslam_core.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
 from sslam_core.checkpoints import Checkpoint, read_checkpoint, save_checkpoint
-from sslam_core.datasets import LabelledSet
+from sslam_core.datasets import Example, LabelledSet
 from sslam_core.frontend import NORMALIZATION
 from sslam_core.metrics import multiclass_report, multilabel_report
 from sslam_core.model import Classifier, ModelConfig
@@ -174,6 +175,13 @@ class FinetuneTask:
             raise FinetuneError("the training set has no clips with audio")
         if valid_set is not None and list(valid_set.classes) != list(train_set.classes):
             raise FinetuneError("validation classes differ from the training classes; read it with classes=")
+        used = sorted({i for e in train_set.examples for i in e.labels})
+        if not train_set.multilabel and len(used) < 2:
+            name = train_set.classes[used[0]][1] if used else "none"
+            raise FinetuneError(
+                f"the training clips are all of one class ({name}): a multi-class classifier learns nothing "
+                "from them (loss 0); add clips of other classes, or use --multilabel for a detector"
+            )
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) or checkpoint is None else None
         if ckpt is None and checkpoint is not None:
             ckpt = read_checkpoint(checkpoint)
@@ -413,10 +421,60 @@ def steps_for_epochs(epochs: float, clips: int, batch_size: int, world_size: int
     return max(1, round(epochs * per_epoch))
 
 
+def clip_id(example: Example) -> str:
+    """A clip's name in split.json: its path as listed, with `@offset` for part of a file."""
+    return example.path if example.offset is None else f"{example.path}@{example.offset:g}"
+
+
+def split_record(train: LabelledSet, valid: LabelledSet, fraction: float, seed: int) -> dict:
+    """What RUN/split.json holds: the held-out fraction, its seed and the clips of each part."""
+    return {
+        "valid_fraction": fraction,
+        "seed": seed,
+        "train": [clip_id(e) for e in train.examples],
+        "valid": [clip_id(e) for e in valid.examples],
+    }
+
+
+def apply_split(data: LabelledSet, record: dict) -> tuple[LabelledSet, LabelledSet]:
+    """The training and validation parts of `data` as a saved split.json lists them; an error when the
+    data no longer holds every listed clip."""
+    by_id = {clip_id(e): e for e in data.examples}
+    missing = [c for c in (*record["train"], *record["valid"]) if c not in by_id]
+    if missing:
+        raise FinetuneError(
+            f"{len(missing)} clip(s) of the saved split are not in --data (e.g. {missing[0]})"
+        )
+    train = [by_id[c] for c in record["train"]]
+    valid = [by_id[c] for c in record["valid"]]
+    return replace(data, examples=train), replace(data, examples=valid)
+
+
+def read_split(out_dir: str | os.PathLike) -> dict | None:
+    """out_dir/split.json, or None when the run has none."""
+    path = os.path.join(out_dir, "split.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise FinetuneError(f"{path}: cannot read the saved split ({e})") from None
+
+
 def finetune(
-    task: FinetuneTask, train_config: TrainConfig, resume: bool = False, stop_at: int | None = None
+    task: FinetuneTask,
+    train_config: TrainConfig,
+    resume: bool = False,
+    stop_at: int | None = None,
+    overwrite: bool = False,
+    data: dict | None = None,
+    split: dict | None = None,
 ) -> dict:
-    """Run the shared trainer on `task`, recording the data and task settings in config.json."""
+    """Run the shared trainer on `task`, recording the data and task settings in config.json.
+
+    data: where the clips came from (paths as given), recorded in config.json; split: a
+    `split_record`, saved as RUN/split.json so that the run can be repeated and resumed on it."""
     train_config.batch_size = task.config.batch_size
     train_config.best_metric = task.best_metric
     meta = {
@@ -430,8 +488,12 @@ def finetune(
         "valid_clips": len(task.valid_set) if task.valid_set is not None else 0,
         "augment": asdict(task.augment) if not task.config.linear else None,
         "weighted_sampling": task.weighted,
+        "data": {**(data or {}), "split": "split.json" if split is not None else None},
     }
-    return train(task, train_config, resume=resume, stop_at=stop_at, meta=meta)
+    files = {"split.json": json.dumps(split) + "\n"} if split is not None else None
+    return train(
+        task, train_config, resume=resume, stop_at=stop_at, meta=meta, overwrite=overwrite, files=files
+    )
 
 
 __all__ = [
@@ -443,6 +505,10 @@ __all__ = [
     "feature_statistics",
     "fold_standardization",
     "finetune",
+    "apply_split",
+    "clip_id",
+    "read_split",
+    "split_record",
     "recipe",
     "resolve_norm",
     "scores_report",

@@ -83,13 +83,19 @@ SETTING_NAMES = tuple(f.name for f in fields(PretrainSettings))
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
-    """A JSON object of settings (keys as the flags, `-` or `_`), checked against the known names."""
+    """A JSON object of settings (keys as the flags, `-` or `_`), checked against the known names; or a
+    run's config.json, whose settings are taken as that run was given them (values derived from the
+    run length, such as the warm-up, are derived again for this run's)."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PretrainConfigError(f"{path}: cannot read the config file ({err})") from None
     if not isinstance(raw, dict):
         raise PretrainConfigError(f"{path}: the config file must hold one JSON object")
+    if isinstance(raw.get("pretrain"), dict):
+        return _run_settings(raw["pretrain"])
+    if "world_size" in raw and "finetune" in raw:
+        raise PretrainConfigError(f"{path}: a fine-tuning run's config.json, not a pre-training one")
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(SETTING_NAMES))
     if unknown:
@@ -97,14 +103,21 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return values
 
 
+def _run_settings(saved: dict) -> dict:
+    """The settings of a run's config.json "pretrain" entry: as given (newer runs) or as resolved."""
+    values = saved.get("given", saved.get("settings", {}))
+    return {k: v for k, v in dict(values).items() if k in SETTING_NAMES}
+
+
 def saved_settings(out_dir: str | os.PathLike) -> dict:
-    """The resolved settings a previous run stored in out_dir/config.json (empty when there are none)."""
+    """The settings a previous run stored in out_dir/config.json, as it was given them (empty when there
+    are none), so that on resume the values derived from --steps follow a changed --steps."""
     path = Path(out_dir) / "config.json"
     if not path.is_file():
         return {}
     try:
-        return dict(json.loads(path.read_text()).get("pretrain", {}).get("settings", {}))
-    except (json.JSONDecodeError, AttributeError):
+        return _run_settings(json.loads(path.read_text()).get("pretrain", {}))
+    except (json.JSONDecodeError, AttributeError, TypeError):
         return {}
 
 
@@ -113,8 +126,8 @@ def scaled_window(target_length: int) -> int:
     return max(PATCH, PATCH * round(target_length * RELEASE_WINDOW / RELEASE_FRAMES / PATCH))
 
 
-def resolve_settings(*layers: dict) -> PretrainSettings:
-    """Merge setting dicts (later wins; None values ignored) and fill the stage-dependent defaults."""
+def merge_settings(*layers: dict) -> dict:
+    """Setting dicts merged (later wins; None values ignored): what a run was given."""
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
@@ -122,7 +135,12 @@ def resolve_settings(*layers: dict) -> PretrainSettings:
                 raise PretrainConfigError(f"unknown setting {key!r}")
             if value is not None:
                 merged[key] = value
-    s = PretrainSettings(**merged)
+    return merged
+
+
+def resolve_settings(*layers: dict) -> PretrainSettings:
+    """Merge setting dicts (see `merge_settings`) and fill the stage-dependent defaults."""
+    s = PretrainSettings(**merge_settings(*layers))
     if s.stage not in STAGES:
         raise PretrainConfigError(f"--stage {s.stage!r}: choose from {', '.join(STAGES)}")
     d = STAGE_DEFAULTS[s.stage]
@@ -274,6 +292,12 @@ class PretrainTask:
             terms["srl"] = out["srl_loss"].detach() / size
         return terms
 
+    @property
+    def schedule(self) -> dict:
+        """The EMA anneal, which the trainer reports when a resumed run changes it."""
+        cfg = self.model.cfg
+        return {"ema_anneal_end_step": cfg.ema_anneal_end_step, "ema_end_decay": cfg.ema_end_decay}
+
     def after_step(self, step: int) -> dict:
         self.step = step
         return {"ema_decay": self.model.ema_step(step)}
@@ -323,6 +347,18 @@ def build_task(s: PretrainSettings, device: torch.device, model_config: dict | N
     dataset = open_audio_dataset(s.data, target_length=s.target_length, recursive=s.recursive)
     if len(dataset) == 0:
         raise PretrainConfigError(f"no audio files found in {', '.join(s.data)}")
+    from sslam_core.trainer import fit_batch_size, note
+
+    batch_size = fit_batch_size(s.batch_size, len(dataset), distributed.get_world_size())
+    if batch_size < s.batch_size:
+        note(
+            f"note: --batch-size {s.batch_size} is more than {len(dataset)} clips allow; using {batch_size}"
+        )
+        if s.stage == "sslam" and batch_size < 2:
+            raise PretrainConfigError(
+                "--stage sslam mixes each clip with its batch neighbour: need 2 clips a rank"
+            )
+        s.batch_size = batch_size
     norm = tuple(s.norm) if isinstance(s.norm, list) else s.norm
     batches = AudioBatches(dataset, s.batch_size, device=device, norm=norm, num_workers=s.workers)
     return PretrainTask(model, batches, s)
@@ -340,11 +376,18 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 def run_pretraining(
-    settings: PretrainSettings, resume: bool = False, progress: bool = True, stop_at: int | None = None
+    settings: PretrainSettings,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    overwrite: bool = False,
+    given: dict | None = None,
 ) -> dict:
     """One `sslam pretrain` run (single process or one torchrun rank); returns the trainer's summary plus
     `clips`, `skipped` (unreadable files, over all ranks), `rank_checksums` (weights of every rank, which
-    must agree) and the resolved settings. stop_at: save and return at this step (split a run over jobs)."""
+    must agree) and the resolved settings. stop_at: save and return at this step (split a run over jobs).
+    overwrite: replace a run in out_dir. given: the settings as given (`merge_settings`), saved so that a
+    resumed run or `--config RUN/config.json` derives the length-dependent values again."""
     from sslam_core.trainer import train
 
     info = distributed.init_distributed(settings.device)
@@ -359,12 +402,13 @@ def run_pretraining(
     meta = {
         "pretrain": {
             "settings": settings.to_dict(),
+            "given": given if given is not None else settings.to_dict(),
             "model_config": task.model.model_cfg.to_dict(),
             "objective": asdict(task.model.cfg),
             "clips": len(task.batches.dataset),
         }
     }
-    summary = train(task, config, resume=resume, stop_at=stop_at, meta=meta)
+    summary = train(task, config, resume=resume, stop_at=stop_at, meta=meta, overwrite=overwrite)
     checksums = distributed.all_gather_objects(weights_checksum(task.model))
     if len(set(checksums)) > 1:
         warnings.warn(f"DDP ranks hold different weights: {checksums}", stacklevel=2)
@@ -383,6 +427,7 @@ __all__ = [
     "read_config_file",
     "saved_settings",
     "scaled_window",
+    "merge_settings",
     "resolve_settings",
     "objective_config",
     "train_config",

@@ -67,6 +67,20 @@ def shard_indices(n: int, epoch_seed: int, rank: int, world_size: int, shuffle: 
     return order[rank * per_rank : (rank + 1) * per_rank].tolist()
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave the first SIGINT / SIGTERM / SIGUSR1 to the main process, which saves
+    and stops at a step boundary (Ctrl-C and schedulers signal the whole process group); a second one
+    of a kind has its default effect, so the loader's own terminate() at shut-down still works."""
+    import signal
+
+    def once(signum, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), once)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -305,6 +319,7 @@ class AudioBatches:
             num_workers=self.num_workers,
             collate_fn=collate_clips,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
         )
         for raw in loader:
             for path, reason in raw["skipped"]:
@@ -452,6 +467,7 @@ __all__ = [
     "SAMPLE_RATE",
     "PackedDataError",
     "UnreadableAudioWarning",
+    "ignore_stop_signals",
     "crop_samples",
     "crop_start",
     "shard_indices",
