@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
@@ -22,15 +21,19 @@ from sslam_cli.common import (
     Precision,
     Window,
     Workers,
+    cell,
     check_precision,
+    claim_or_fail,
     err_console,
     fail,
     frames_or_fail,
+    interrupted,
+    note,
     parse_folds,
     parse_norm,
     pick_device,
+    render,
     warn,
-    write_text_atomic,
 )
 
 
@@ -68,6 +71,14 @@ def evaluate(
         None, "--predictions", help="Re-score a saved predictions file instead of running a model."
     ),
     plot: Path = typer.Option(None, "--plot", help="PNG of per-class AP (needs matplotlib)."),
+    missing_out: Path = typer.Option(
+        None, "--missing-out", help="Write the ids of the clips listed but without audio, one per line."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace existing --predictions-out / --per-class / --plot / --missing-out files.",
+    ),
     window: Window = None,
     hop: Hop = None,
     target_length: int = typer.Option(
@@ -79,18 +90,26 @@ def evaluate(
     device: Device = "auto",
     precision: Precision = "fp32",
 ) -> None:
-    """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-5 (multi-class), with the windowing
-    of `sslam tag` (a clip's score is the maximum over its windows)."""
-    from sslam_core.evaluation import EvaluationError, Predictions, per_class, per_class_csv, summarize
+    """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-k accuracy (multi-class), with the
+    windowing of `sslam tag` (a clip's score is the maximum over its windows)."""
+    from sslam_core.evaluation import EvaluationError, Predictions, per_class, summarize
 
-    if fmt not in ("table", "json"):
-        fail(f"--format {fmt!r}: choose table or json")
-    for out, suffixes in ((predictions_out, (".npz", ".h5", ".hdf5")), (plot, (".png",))):
-        if out is not None and out.suffix.lower() not in suffixes:
-            fail(f"{out}: expected a {' or '.join(suffixes)} file")
+    outputs = {
+        "predictions": predictions_out,
+        "per_class": per_class_out,
+        "plot": plot,
+        "missing": missing_out,
+    }
+    _check_options(fmt, outputs, window, hop, target_length, norm, batch_size, workers)
     if predictions is not None:
         if checkpoint is not None or data is not None:
             fail("--predictions re-scores a saved file; leave out --checkpoint and --data")
+    elif checkpoint is None or data is None:
+        fail("pass --checkpoint and --data (or --predictions FILE)")
+    for path in outputs.values():
+        if path is not None:
+            claim_or_fail(path, overwrite)
+    if predictions is not None:
         try:
             pred = Predictions.load(predictions)
         except EvaluationError as e:
@@ -98,8 +117,6 @@ def evaluate(
         if multilabel is not None:
             pred.multilabel = multilabel
     else:
-        if checkpoint is None or data is None:
-            fail("pass --checkpoint and --data (or --predictions FILE)")
         frames = {"window": window, "hop": hop, "target_length": target_length}
         run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
         pred = _run_model(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run)
@@ -107,28 +124,93 @@ def evaluate(
         summary = summarize(pred, by_polyphony=by_polyphony)
     except EvaluationError as e:
         fail(str(e))
-    if predictions_out is not None:
-        pred.save(predictions_out)
     rows = per_class(pred)
-    if per_class_out is not None:
-        write_text_atomic(str(per_class_out), per_class_csv(rows))
-    if plot is not None:
-        from sslam_core.plots import plot_class_ap
-
-        try:
-            plot_class_ap(rows, plot, title=str(predictions or data))
-        except ValueError as e:
-            fail(f"--plot: {e}")
+    _write_reports(pred, rows, summary, outputs, title=str(predictions or data))
     if fmt == "json":
         typer.echo(json.dumps(summary))
     else:
-        Console().print(_table(summary, rows), end="")
+        typer.echo(render(*_tables(summary, rows, str(predictions or data))), nl=False)
     if pred.skipped and predictions is not None:
-        err_console.print(f"note: {len(pred.skipped)} file(s) were skipped when these predictions were made")
+        note(f"note: {len(pred.skipped)} file(s) were skipped when these predictions were made")
     elif pred.skipped:
-        err_console.print(f"evaluated {summary['n_clips']} clip(s), skipped {len(pred.skipped)}")
+        note(f"evaluated {summary['n_clips']} clip(s), skipped {len(pred.skipped)}")
         raise typer.Exit(EXIT_SKIPPED)
     raise typer.Exit(EXIT_OK)
+
+
+def _check_options(
+    fmt: str,
+    outputs: dict[str, Path | None],
+    window: float | None,
+    hop: float | None,
+    target_length: int | None,
+    norm: str | None,
+    batch_size: int | None,
+    workers: int | None,
+) -> None:
+    """Every argument that can be checked without the model or the data, as one error line."""
+    from sslam_core.evaluation import PREDICTION_SUFFIXES
+    from sslam_core.inference import resolve_window
+
+    if fmt not in ("table", "json"):
+        fail(f"--format {fmt!r}: choose table or json")
+    flags = {"predictions": "--predictions-out", "per_class": "--per-class", "plot": "--plot"}
+    suffixes = {"predictions": PREDICTION_SUFFIXES, "plot": (".png",)}
+    for key, wanted in suffixes.items():
+        out = outputs[key]
+        if out is not None and out.suffix.lower() not in wanted:
+            fail(f"{flags[key]} {out}: expected a {' or '.join(wanted)} file")
+    given = [Path(os.path.abspath(p)) for p in outputs.values() if p is not None]
+    if len(set(given)) < len(given):
+        fail(
+            "the same file was given for two outputs: "
+            + ", ".join(sorted({str(p) for p in given if given.count(p) > 1}))
+        )
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch-size {batch_size}: expected a positive number of windows")
+    if workers is not None and workers < 0:
+        fail(f"--workers {workers}: expected 0 or more threads")
+    try:
+        resolve_window(None, window, hop, target_length)  # the arguments alone; the model's limits later
+    except ValueError as e:
+        fail(str(e))
+    if norm is not None:
+        parse_norm(norm)
+    if outputs["plot"] is not None:
+        from sslam_core.plots import pyplot
+
+        try:
+            pyplot()
+        except RuntimeError as e:
+            fail(f"--plot: {e}")
+
+
+def _write_reports(
+    pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str
+) -> None:
+    """Write the requested report files atomically; a failure is one line naming the file, exit 2."""
+    from sslam_core.evaluation import per_class_csv
+    from sslam_core.outputs import OutputError, atomic_write, write_text
+
+    try:
+        if outputs["predictions"] is not None:
+            pred.save(outputs["predictions"])
+        if outputs["per_class"] is not None:
+            write_text(outputs["per_class"], per_class_csv(rows))
+        if outputs["missing"] is not None:
+            write_text(outputs["missing"], "".join(f"{clip}\n" for clip in pred.missing))
+        if outputs["plot"] is not None:
+            from sslam_core.plots import plot_class_ap
+
+            def draw(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    plot_class_ap(rows, f, title=title)
+
+            atomic_write(outputs["plot"], draw)
+    except OutputError as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(f"--plot: {e}")
 
 
 def _run_model(
@@ -141,7 +223,15 @@ def _run_model(
     frames: dict,
     run: dict,
 ):
-    """Load the checkpoint and the data set, run the model, report skipped files on stderr."""
+    """Load the checkpoint and the data set, run the model, report skipped files on stderr; a SIGINT or
+    SIGTERM stops after the batch in flight with one line and exit status 130 / 143."""
+    from sslam_core.interrupts import StopRequest
+
+    with StopRequest() as stop:
+        return _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run, stop)
+
+
+def _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames: dict, run: dict, stop):
     from sslam_core.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
     from sslam_core.datasets import DatasetError, read_labelled
     from sslam_core.evaluation import EvaluationError, class_columns, predict
@@ -158,6 +248,7 @@ def _run_model(
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
         multilabel = ckpt.extra["multilabel"]
+    length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
     wanted = parse_folds(folds)
     try:
         dataset = read_labelled(data, audio_dir=audio_dir, folds=wanted, multilabel=multilabel)
@@ -165,18 +256,17 @@ def _run_model(
         fail(str(e))
     if dataset.missing:
         naming = f" (audio named {dataset.naming})" if dataset.naming else ""
-        err_console.print(
-            f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}{naming}"
-        )
+        note(f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}{naming}")
     if not dataset.examples:
         fail(f"{data}: no clips to evaluate")
-    length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
     if not model.labels or len(model.labels) != model.cfg.num_classes:
         fail(f"{checkpoint}: the model has {model.cfg.num_classes} classes but no class names to match")
     try:
         class_columns(model.labels, dataset, checkpoint)
     except EvaluationError as e:
         fail(str(e))
+    if stop.requested:
+        interrupted(stop, 0, resumable=False)
     bar = tqdm(total=len(dataset), unit="clip", disable=len(dataset) < 2, file=err_console.file)
 
     def progress(error: str | None) -> None:
@@ -194,6 +284,7 @@ def _run_model(
             hop=hop_frames,
             where=checkpoint,
             progress=progress,
+            stop=lambda: stop.requested,
             batch_size=run["batch_size"],
             workers=run["workers"],
             device=dev,
@@ -201,9 +292,13 @@ def _run_model(
             normalization=parse_norm(norm, model.normalization),
         )
     except EvaluationError as e:
-        bar.close()
         fail(str(e))
-    bar.close()
+    finally:
+        bar.close()
+    if stop.requested:
+        interrupted(stop, len(pred.paths) + len(pred.skipped), resumable=False)
+    if not pred.paths:
+        fail(f"{data}: all {len(pred.skipped)} clip(s) were skipped (unreadable); nothing to evaluate")
     return pred
 
 
@@ -211,9 +306,9 @@ def _number(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _table(summary: dict, rows: list[dict]) -> str:
-    out = Console(record=True, width=100, file=io.StringIO())
-    table = Table(title="evaluation", title_justify="left")
+def _tables(summary: dict, rows: list[dict], source: str) -> list[Table]:
+    """The summary, the polyphony bins (when asked for) and the worst classes, as Rich tables."""
+    table = Table(title=cell(f"evaluation: {source}"), title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     if "mAP" in summary:
@@ -224,24 +319,27 @@ def _table(summary: dict, rows: list[dict]) -> str:
         table.add_row("classes without positives (left out)", str(summary["n_classes_without_positives"]))
     else:
         table.add_row("accuracy", _number(summary["accuracy"]))
-        table.add_row(f"top-{summary['k']}", _number(summary["top5"]))
+        table.add_row(f"top-{summary['k']} accuracy", _number(summary["top_k"]))
         table.add_row("balanced accuracy", _number(summary["balanced_accuracy"]))
     table.add_row("clips", str(summary["n_clips"]))
-    table.add_row("files skipped", str(summary["n_skipped"]))
-    out.print(table)
+    table.add_row("files skipped (unreadable)", str(summary["n_skipped"]))
+    table.add_row("clips missing (listed, no audio)", str(summary["n_missing"]))
+    tables = [table]
     if "polyphony" in summary:
         poly = Table(title="by polyphony (labels per clip)", title_justify="left")
         for name in ("labels", "clips", "classes", "mAP"):
             poly.add_column(name, justify="right")
         for name, v in summary["polyphony"].items():
             poly.add_row(name, str(v["clips"]), str(v["classes"]), _number(v["mAP"]))
-        out.print(poly)
+        tables.append(poly)
     worst = [r for r in rows if not math.isnan(r["AP"])][:10]
     if worst:
         table = Table(title="worst classes", title_justify="left")
         for name in ("class", "mid", "positives", "AP", "AUC"):
             table.add_column(name, justify="left" if name in ("class", "mid") else "right")
         for r in worst:
-            table.add_row(r["name"], r["mid"], str(r["positives"]), _number(r["AP"]), _number(r["AUC"]))
-        out.print(table)
-    return out.export_text()
+            table.add_row(
+                cell(r["name"]), cell(r["mid"]), str(r["positives"]), _number(r["AP"]), _number(r["AUC"])
+            )
+        tables.append(table)
+    return tables

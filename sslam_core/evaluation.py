@@ -26,6 +26,7 @@ from sslam_core.metrics import (
     polyphony_report,
     roc_auc,
 )
+from sslam_core.outputs import atomic_write
 from sslam_core.tagging import tag
 
 PREDICTION_SUFFIXES = (".npz", ".h5", ".hdf5")
@@ -45,47 +46,48 @@ class Predictions:
     classes: list[tuple[str, str]]
     multilabel: bool
     skipped: list[str] = field(default_factory=list)  # one message per file left out
+    missing: list[str] = field(default_factory=list)  # clips listed in the labels but without audio
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(len(self.paths), len(self.classes))
         self.targets = np.asarray(self.targets, dtype=np.float32).reshape(self.scores.shape)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an .npz or .h5/.hdf5 file (through a temporary file and a rename)."""
+        """Write an .npz or .h5/.hdf5 file atomically (`outputs.atomic_write`); an OSError while writing
+        is an `OutputError` naming the path and the cause."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in PREDICTION_SUFFIXES:
             raise EvaluationError(f"{path}: predictions are saved as .npz, .h5 or .hdf5")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-        arrays = {
+        text = {
             "paths": list(self.paths),
             "class_ids": [c for c, _ in self.classes],
             "class_names": [n for _, n in self.classes],
             "skipped": list(self.skipped),
+            "missing": list(self.missing),
         }
-        try:
-            if suffix == ".npz":
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object, so that numpy adds no .npz to the name
                 np.savez(
-                    tmp,
+                    f,
                     scores=self.scores,
                     targets=self.targets,
                     multilabel=np.array(self.multilabel),
-                    **{k: np.array(v, dtype=str) for k, v in arrays.items()},
+                    **{k: np.array(v, dtype=str) for k, v in text.items()},
                 )
-            else:
-                import h5py
 
-                with h5py.File(tmp, "w") as f:
-                    f.create_dataset("scores", data=self.scores)
-                    f.create_dataset("targets", data=self.targets)
-                    for k, v in arrays.items():
-                        f.create_dataset(k, data=np.array(v, dtype=object), dtype=h5py.string_dtype())
-                    f.attrs["multilabel"] = bool(self.multilabel)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        def write_h5(tmp: str) -> None:
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("scores", data=self.scores)
+                f.create_dataset("targets", data=self.targets)
+                for k, v in text.items():
+                    f.create_dataset(k, data=np.array(v, dtype=object), dtype=h5py.string_dtype())
+                f.attrs["multilabel"] = bool(self.multilabel)
+
+        atomic_write(path, write_npz if suffix == ".npz" else write_h5)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Predictions:
@@ -115,6 +117,7 @@ class Predictions:
                 list(zip(ids, names, strict=True)),
                 multilabel,
                 text.get("skipped", []),
+                text.get("missing", []),
             )
         except EvaluationError:
             raise
@@ -124,7 +127,7 @@ class Predictions:
             ) from None
 
 
-_TEXT_KEYS = ("paths", "class_ids", "class_names", "skipped")
+_TEXT_KEYS = ("paths", "class_ids", "class_names", "skipped", "missing")
 
 
 def _text(value) -> str:
@@ -195,6 +198,7 @@ def predict(
     hop: int | None = None,
     where: str = "checkpoint",
     progress: Callable[[str | None], None] | None = None,
+    stop: Callable[[], bool] | None = None,
     **run_options,
 ) -> Predictions:
     """Run a Classifier over every clip of `data` and keep the scores of the dataset's classes.
@@ -202,7 +206,9 @@ def predict(
     `labels` are the model's (id, name) classes (default `model.labels`); `multilabel` picks sigmoid
     or softmax scores (default: the data set's kind). `run_options` go to `run_windows` (batch_size,
     workers, device, precision, normalization). Files that fail to decode are left out and listed in
-    `skipped`; `progress(error_or_None)` is called once per file.
+    `skipped`, clips listed without audio in `missing`; `progress(error_or_None)` is called once per
+    file. When `stop()` turns true (checked after each file) the run ends there and the predictions
+    of the files done so far are returned.
     """
     labels = labels if labels is not None else getattr(model, "labels", None)
     if not labels or len(labels) != model.cfg.num_classes:
@@ -211,11 +217,14 @@ def predict(
             f"{where}: the model has {model.cfg.num_classes} classes but {found} class names"
         )
     multilabel = data.multilabel if multilabel is None else multilabel
+    stop = stop or (lambda: False)
     kept, columns = class_columns(labels, data, where)
     targets = data.targets()[:, kept]
     skipped: list[str] = []
     sources, rows = [], []
     for row, example in enumerate(data.examples):
+        if stop():
+            break
         source = _source(example, skipped)
         if source is not None:
             sources.append(source)
@@ -224,18 +233,23 @@ def predict(
             progress(skipped[-1])
     paths, scores, good = [], [], []
     results = tag(model, sources, target_length=target_length, hop=hop, multilabel=multilabel, **run_options)
-    for row, res in zip(rows, results, strict=True):
-        if res.error is not None:
-            skipped.append(res.error)
-        else:
-            paths.append(data.examples[row].path)
-            scores.append(res.scores[columns])
-            good.append(row)
-        if progress is not None:
-            progress(res.error)
+    try:
+        for row, res in zip(rows, results, strict=False):
+            if res.error is not None:
+                skipped.append(res.error)
+            else:
+                paths.append(data.examples[row].path)
+                scores.append(res.scores[columns])
+                good.append(row)
+            if progress is not None:
+                progress(res.error)
+            if stop():
+                break
+    finally:
+        results.close()  # an early stop ends the decoding threads and drops the windows queued
     matrix = np.stack(scores) if scores else np.zeros((0, len(kept)), dtype=np.float32)
     classes = [data.classes[i] for i in kept]
-    return Predictions(paths, matrix, targets[good], classes, multilabel, skipped)
+    return Predictions(paths, matrix, targets[good], classes, multilabel, skipped, list(data.missing))
 
 
 def _finite(value: float) -> float | None:
@@ -247,8 +261,9 @@ def summarize(pred: Predictions, by_polyphony: bool = False) -> dict:
     """The headline numbers as one JSON-ready dict (NaN / infinite values as None).
 
     Multi-label: mAP (macro, over classes with positives), d_prime, auc, n_clips, n_classes_scored,
-    n_classes_without_positives. Multi-class: accuracy, top5 (top-k, k = min(5, classes)), k,
-    balanced_accuracy, n_clips. Both: n_classes, n_skipped (files left out); `polyphony` on request.
+    n_classes_without_positives. Multi-class: accuracy, top_k (the top-k accuracy), k (= min(5,
+    classes)), balanced_accuracy, n_clips. Both: n_classes, n_skipped (files that could not be read),
+    n_missing (clips listed without audio); `polyphony` on request.
     """
     n_clips = len(pred.paths)
     if pred.multilabel:
@@ -267,19 +282,25 @@ def summarize(pred: Predictions, by_polyphony: bool = False) -> dict:
         report = multiclass_report(pred.scores, pred.targets.argmax(axis=1))
         out = {
             "accuracy": _finite(report["accuracy"]),
-            "top5": _finite(report["top5"]),
+            "top_k": _finite(report["top5"]),
             "k": report["k"],
             "balanced_accuracy": _finite(report["balanced_accuracy"]),
             "n_clips": n_clips,
         }
     out["n_classes"] = len(pred.classes)
     out["n_skipped"] = len(pred.skipped)
+    out["n_missing"] = len(pred.missing)
     if by_polyphony:
         out["polyphony"] = {
             name: {**v, "mAP": _finite(v["mAP"])}
             for name, v in polyphony_report(pred.scores, pred.targets).items()
         }
     return out
+
+
+def headline(summary: dict) -> tuple[str, float | None]:
+    """The metric a report leads with: ("mAP", value) for multi-label, ("accuracy", value) otherwise."""
+    return ("mAP", summary["mAP"]) if "mAP" in summary else ("accuracy", summary["accuracy"])
 
 
 def per_class(pred: Predictions) -> list[dict]:
@@ -338,6 +359,7 @@ __all__ = [
     "match_classes",
     "per_class",
     "per_class_csv",
+    "headline",
     "predict",
     "summarize",
 ]

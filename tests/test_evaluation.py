@@ -198,7 +198,7 @@ def test_multiclass_custom_checkpoint_and_corrupt_file(digits_checkpoint, tmp_pa
     truth = pred.targets.argmax(axis=1)
     assert summary["accuracy"] == pytest.approx(accuracy_score(truth, pred.scores.argmax(axis=1)))
     assert summary["k"] == 3  # top-k with k = min(5, classes)
-    assert summary["top5"] == top_k_accuracy_score(truth, pred.scores, k=3, labels=[0, 1, 2]) == 1.0
+    assert summary["top_k"] == top_k_accuracy_score(truth, pred.scores, k=3, labels=[0, 1, 2]) == 1.0
     assert sslam("eval", "--predictions", pred_path, "--format", "json").stdout == result.stdout
     # the scores are the model's softmax columns for (nine, one, three), max over windows
     model = load_model(digits_checkpoint)
@@ -207,7 +207,7 @@ def test_multiclass_custom_checkpoint_and_corrupt_file(digits_checkpoint, tmp_pa
     )
     np.testing.assert_allclose(pred.scores, probs[:, [3, 0, 1]], atol=1e-6)
     table = sslam(*args, code=1).stdout
-    assert "accuracy" in table and "top-3" in table
+    assert "accuracy" in table and "top-3 accuracy" in table
 
 
 def test_classes_not_covered_is_one_error_line(digits_checkpoint, audioset):
