@@ -53,6 +53,17 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]skipped:[/yellow] {escape(message)}", markup=True)
 
 
+def claim_resumable(path, overwrite: bool, resume: bool):
+    """`claim_or_fail` for an output written through a journal (`PATH.parts/`): an existing output or
+    the journal of an interrupted run is only replaced with --overwrite, and continued with --resume."""
+    from pathlib import Path
+
+    parts = Path(f"{path}.parts")
+    if parts.exists() and not (overwrite or resume):
+        fail(f"{parts} holds an interrupted run; pass --resume to finish it or --overwrite to start over")
+    return claim_or_fail(path, overwrite or resume, "--overwrite (or --resume to finish an interrupted run)")
+
+
 def note(message: str) -> None:
     """One plain-text line on stderr (a summary, a warning), never read as Rich markup."""
     err_console.print(message, markup=False)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from sslam_cli.common import (
     EXIT_OK,
     EXIT_SKIPPED,
+    EXIT_USAGE,
     BatchSize,
     Device,
     Hop,
@@ -18,10 +19,13 @@ from sslam_cli.common import (
     Precision,
     Workers,
     check_precision,
+    claim_resumable,
     err_console,
     fail,
     frames_or_fail,
+    interrupted,
     load_model_or_fail,
+    note,
     parse_norm,
     pick_device,
     warn,
@@ -64,8 +68,15 @@ def extract(
         False, "--resume", help="Finish an interrupted run without redoing finished files."
     ),
     flush_every: int = typer.Option(
-        256, "--flush-every", help="Files per journal part: at most this much work is redone after a crash."
+        256,
+        "--flush-every",
+        min=1,
+        help="Files per journal part: at most this much work is redone after a crash.",
     ),
+    audio_dir: str = typer.Option(
+        None, "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Extract clip, per-time-step or patch embeddings of any layer to HDF5."""
     import sslam_core
@@ -73,11 +84,18 @@ def extract(
     from sslam_core.embeddings import extract_to_h5, granularities
     from sslam_core.feature_store import StoreError
     from sslam_core.inputs import collect_inputs
+    from sslam_core.interrupts import StopRequest
+    from sslam_core.outputs import OutputError
 
     try:
         granularities(granularity)
     except ValueError as e:
         fail(str(e))
+    if output.suffix.lower() not in (".h5", ".hdf5"):
+        fail(f"{output}: expected an .h5 or .hdf5 file")
+    if norm is not None:
+        parse_norm(norm)
+    claim_resumable(output, overwrite, resume)
     dev = pick_device(device)
     check_precision(precision, dev)
     ckpt = checkpoint or DEFAULT_ENCODER
@@ -88,7 +106,9 @@ def extract(
     except ValueError as e:
         fail(str(e))
     target_length, hop_frames = frames_or_fail(model, None, hop, target_length)
-    inputs = collect_inputs(paths)
+    inputs = collect_inputs(paths, audio_dir)
+    for problem in inputs.problems:
+        warn(problem)
     if not inputs:
         fail("no audio files found in " + ", ".join(paths))
     normalization = parse_norm(norm, model.normalization)
@@ -108,43 +128,50 @@ def extract(
         "version": sslam_core.__version__,
     }
     bar = tqdm(total=len(inputs), unit="file", file=err_console.file)
-    skipped = 0
 
     def on_file(rec) -> None:
-        nonlocal skipped
         bar.update()
         if rec.error:
-            skipped += 1
+            bar.clear()
             warn(rec.error)
 
     try:
-        summary = extract_to_h5(
-            model,
-            [p for p, _ in inputs],
-            [n for _, n in inputs],
-            output,
-            settings=settings,
-            granularity=granularity,
-            layer=layer,
-            target_length=target_length,
-            hop=hop_frames,
-            resume=resume,
-            on_file=on_file,
-            flush_files=max(1, flush_every),
-            batch_size=batch_size,
-            workers=workers,
-            device=dev,
-            precision=precision,
-            normalization=normalization,
-        )
+        with StopRequest() as stop:
+            summary = extract_to_h5(
+                model,
+                inputs.paths,
+                inputs.names,
+                output,
+                settings=settings,
+                granularity=granularity,
+                layer=layer,
+                target_length=target_length,
+                hop=hop_frames,
+                resume=resume,
+                on_file=on_file,
+                flush_files=flush_every,
+                stop=lambda: stop.requested,
+                batch_size=batch_size,
+                workers=workers,
+                device=dev,
+                precision=precision,
+                normalization=normalization,
+            )
     except StoreError as e:
         bar.close()
         fail(str(e))
+    except OutputError as e:
+        bar.close()
+        fail(f"{e}; the finished files are kept in the journal, rerun with --resume once it is fixed")
     bar.update(summary.resumed)
     bar.close()
-    err_console.print(
+    if summary.interrupted:
+        interrupted(stop, summary.resumed + summary.written)
+    note(
         f"wrote {summary.written} file(s) to {output}"
         + (f" ({summary.resumed} from the interrupted run)" if summary.resumed else "")
         + (f", skipped {len(summary.skipped)} (listed in 'errors')" if summary.skipped else "")
     )
+    if not summary.written:
+        raise typer.Exit(EXIT_USAGE)
     raise typer.Exit(EXIT_SKIPPED if summary.skipped else EXIT_OK)

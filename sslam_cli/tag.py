@@ -25,6 +25,7 @@ from sslam_cli.common import (
     cell,
     check_precision,
     claim_or_fail,
+    claim_resumable,
     echo,
     err_console,
     fail,
@@ -102,7 +103,7 @@ def tag(
     if norm is not None:
         parse_norm(norm)
     if output is not None:
-        claim_or_fail(output, overwrite or resume, "--overwrite (or --resume to finish an interrupted run)")
+        claim_resumable(output, overwrite, resume)
     if plot is not None:
         _check_plotting(plot)
     dev = pick_device(device)

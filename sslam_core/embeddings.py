@@ -54,10 +54,14 @@ def to_record(res: FileResult, name: str, window: int, hop: int, keep: tuple[str
 
 @dataclass
 class ExtractSummary:
+    """What a run did: files written, files skipped (path, reason), files taken from the journal of an
+    interrupted run; `interrupted` when it stopped on a signal (its journal is kept for --resume)."""
+
     written: int
     skipped: list[tuple[str, str]]
     resumed: int
     out: Path
+    interrupted: bool = False
 
 
 def sha256_file(path: str | Path) -> str:
@@ -83,12 +87,15 @@ def extract_to_h5(
     resume: bool = False,
     on_file: Callable[[Record], None] | None = None,
     flush_files: int = 256,
+    stop: Callable[[], bool] | None = None,
     **run_options,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
 
     `names` are the paths as stored in the file. Files already in an unfinished run's journal are
-    skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`.
+    skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`. When
+    `stop()` turns true the files finished so far go to the journal and the HDF5 file is not written
+    (`interrupted` in the summary); `resume=True` later finishes the rest.
     """
     keep = granularities(granularity)
     hop = hop or target_length
@@ -101,13 +108,19 @@ def extract_to_h5(
         feature_head(model, layer, keep),
         target_length=target_length,
         hop=hop,
+        stop=stop,
         **run_options,
     )
-    for (_, name), res in zip(todo, results, strict=True):
+    finished = 0
+    for (_, name), res in zip(todo, results, strict=False):  # shorter when stopped
         rec = to_record(res, name, target_length, hop, keep)
         store.add(rec)
+        finished += 1
         if on_file:
             on_file(rec)
+    if finished < len(todo):
+        store.flush()
+        return ExtractSummary(finished, [], len(done), Path(out), interrupted=True)
     written, skipped = store.finish(list(names))
     return ExtractSummary(written, skipped, len(done), Path(out))
 

@@ -17,7 +17,6 @@ HDF5 layout (N files written, M vectors):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from sslam_core.outputs import atomic_write, output_error, write_text
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings.json"
@@ -45,15 +46,6 @@ class Record:
 
 class StoreError(Exception):
     """The output or its journal cannot be used (e.g. resume with different settings)."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -85,8 +77,11 @@ class FeatureStore:
                 )
         else:
             shutil.rmtree(self.parts, ignore_errors=True)
-            self.parts.mkdir(parents=True)
-            _atomic_write(self.parts / SETTINGS, lambda f: f.write(settings_json.encode()))
+            try:
+                self.parts.mkdir(parents=True)
+            except OSError as e:
+                raise output_error(self.parts, e, "cannot create the journal folder") from e
+            write_text(self.parts / SETTINGS, settings_json)
         self._parts = len(self._part_files())
 
     def _part_files(self) -> list[Path]:
@@ -129,8 +124,7 @@ class FeatureStore:
                     arrays[f"{name}_count"] = np.array([len(c) for c in chunks], dtype=np.int64)
             if "frame" in self.granularities:
                 arrays["frame_times"] = np.concatenate([r.frame_times for r in good])
-        name = self.parts / f"part-{self._parts:06d}.npz"
-        _atomic_write(name, lambda f: np.savez(f, **arrays))
+        atomic_write(self.parts / f"part-{self._parts:06d}.npz", lambda tmp: np.savez(tmp, **arrays))
         self._parts += 1
         self._buffer, self._buffered = [], 0
         self._last_flush = time.monotonic()
@@ -152,12 +146,12 @@ class FeatureStore:
                         g += 1
         items.sort(key=lambda t: t[0])
         errors.sort()
-        tmp = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
-        with h5py.File(tmp, "w") as h5:
-            self._write(h5, items, errors)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out)
+
+        def write(tmp: str) -> None:
+            with h5py.File(tmp, "w") as h5:
+                self._write(h5, items, errors)
+
+        atomic_write(self.out, write)
         shutil.rmtree(self.parts, ignore_errors=True)
         return len(items), [(p, e) for _, p, e in errors]
 

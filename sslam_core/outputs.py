@@ -23,6 +23,9 @@ class OutputError(OSError):
     """An output that cannot be written, or that exists and may not be replaced; the message is one
     line naming the path and the cause."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def _umask() -> int:
     mask = os.umask(0o022)

@@ -120,10 +120,10 @@ def test_extract_layer_and_teacher(tmp_path):
     sslam("extract", str(CLIP), "-o", str(out), "-c", PRETRAIN, "--layer", "1")
     with h5py.File(out) as h5:
         np.testing.assert_allclose(h5["clip"][0], EXPECTED["layers_1024"][1, 0, 0], atol=1e-4)
-    sslam("extract", str(CLIP), "-o", str(out), "-c", PRETRAIN, "--teacher")
+    sslam("extract", str(CLIP), "-o", str(out), "-c", PRETRAIN, "--teacher", "--overwrite")
     with h5py.File(out) as h5:
         np.testing.assert_allclose(h5["clip"][0], EXPECTED["ema_all_1024"][1, 0], atol=1e-4)
-    bad = sslam("extract", str(CLIP), "-o", str(out), "-c", PRETRAIN, "--layer", "3", check=2)
+    bad = sslam("extract", str(CLIP), "-o", str(out), "-c", PRETRAIN, "--layer", "3", "--overwrite", check=2)
     assert "layer 3" in bad.stderr and "Traceback" not in bad.stderr
 
 
