@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +27,7 @@ from sslam_core import safe_pickle
 from sslam_core.hub import DEFAULT_ENCODER, DEFAULT_TAGGER, HubUnavailable, looks_like_hub_id, snapshot
 from sslam_core.labels import AUDIOSET_CLASSES, audioset_labels, labels_from_mids
 from sslam_core.model import ModelConfig, build_model
+from sslam_core.outputs import atomic_write
 
 FORMAT_VERSION = 1
 LAYOUTS = ("sslam", "hf", "fairseq")
@@ -182,6 +183,54 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: None))
 
 
+# Keys of `Checkpoint.extra` that a layout derives from its own fields, so its "sslam" block omits them.
+_FAIRSEQ_DERIVED = ("fairseq_model_cfg", "fairseq_task_cfg", "num_updates")
+_HF_DERIVED = ("hf_config",)
+
+
+def _metadata(ckpt: Checkpoint, derived: tuple[str, ...] = ()) -> dict:
+    """Labels, normalisation and extra metadata as plain JSON types (the "sslam" block of every layout)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "labels": [list(pair) for pair in ckpt.labels] if ckpt.labels else None,
+        "normalization": list(ckpt.normalization) if ckpt.normalization else None,
+        "extra": _jsonable({k: v for k, v in ckpt.extra.items() if k not in derived}),
+    }
+
+
+def _parse_metadata(
+    meta: Any, where: str
+) -> tuple[list[tuple[str, str]] | None, tuple[float, float] | None, dict]:
+    """(labels, normalization, extra) from a "sslam" block written by `_metadata`."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: the 'sslam' metadata is not a JSON object")
+    try:
+        labels = meta.get("labels")
+        norm = meta.get("normalization")
+        extra = meta.get("extra") or {}
+        return (
+            [(str(a), str(b)) for a, b in labels] if labels else None,
+            (float(norm[0]), float(norm[1])) if norm else None,
+            dict(extra),
+        )
+    except (TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{where}: invalid 'sslam' metadata ({e})") from None
+
+
+def _with_metadata(ckpt: Checkpoint, meta: Any, where: str) -> Checkpoint:
+    """`ckpt` with the labels, normalisation and extra of a "sslam" block (if the file has one); what
+    the layout itself records (its config sections, update count) wins over the block's extra."""
+    if meta is None:
+        return ckpt
+    labels, norm, extra = _parse_metadata(meta, where)
+    return replace(
+        ckpt,
+        labels=labels or ckpt.labels,
+        normalization=norm or ckpt.normalization,
+        extra={**extra, **ckpt.extra},
+    )
+
+
 def _labels_for(num_classes: int, mids: Any = None) -> list[tuple[str, str]] | None:
     if isinstance(mids, dict) and len(mids) == num_classes > 0:
         try:
@@ -199,6 +248,11 @@ def torch_load(path: Path) -> Any:
             path, map_location="cpu", pickle_module=safe_pickle, weights_only=False, mmap=is_zip
         )
     except Exception as e:
+        refused = safe_pickle.refused_global(e)
+        if refused:
+            raise CheckpointError(
+                f"{path}: checkpoint references {refused}, which no model file needs; refusing to load it"
+            ) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
 
@@ -234,9 +288,10 @@ def _read_fairseq(path: Path) -> Checkpoint:
         config = replace(config_from_state(state, heads, eps), pool=_pool_from_fairseq(model_cfg, where))
         task_state = obj.get("task_state") if isinstance(obj.get("task_state"), dict) else {}
         labels = _labels_for(config.num_classes, task_state.get("labels"))
-        return Checkpoint(
+        ckpt = Checkpoint(
             config, state, labels=labels, normalization=norm, extra=_jsonable(extra), layout="fairseq"
         )
+        return _with_metadata(ckpt, obj.get("sslam"), where)
 
     if _IMAGE + "extra_tokens" not in weights:
         raise CheckpointError(f"{where}: no SSLAM/EAT encoder weights found (expected '{_IMAGE}*' keys)")
@@ -245,7 +300,7 @@ def _read_fairseq(path: Path) -> Checkpoint:
     ema = weights.get("_ema")
     teacher = _fp32(_rename_in(ema, _FAIRSEQ_STEM, ""), where) if isinstance(ema, dict) else None
     config = config_from_state(state, model_cfg.get("num_heads"), model_cfg.get("norm_eps"))
-    return Checkpoint(
+    ckpt = Checkpoint(
         config,
         state,
         teacher=teacher or None,
@@ -254,6 +309,7 @@ def _read_fairseq(path: Path) -> Checkpoint:
         extra=_jsonable(extra),
         layout="fairseq",
     )
+    return _with_metadata(ckpt, obj.get("sslam"), where)
 
 
 _PREDICTION_MODES = {"CLS_TOKEN": "cls", "MEAN_POOLING": "mean"}
@@ -296,16 +352,15 @@ def _read_sslam(path: Path) -> Checkpoint:
     teacher = {k[len("teacher.") :]: v for k, v in tensors.items() if k.startswith("teacher.")}
     decoder = {k[len("decoder.") :]: v for k, v in tensors.items() if k.startswith("decoder.")}
     state = {k: v for k, v in tensors.items() if not k.startswith(("teacher.", "decoder."))}
-    labels = meta.get("labels")
-    norm = meta.get("normalization")
+    labels, norm, extra = _parse_metadata(meta, where)
     return Checkpoint(
         config,
         _fp32(state, where),
         teacher=_fp32(teacher, where) or None,
         decoder=_fp32(decoder, where) or None,
-        labels=[(str(a), str(b)) for a, b in labels] if labels else None,
-        normalization=(float(norm[0]), float(norm[1])) if norm else None,
-        extra=meta.get("extra") or {},
+        labels=labels,
+        normalization=norm,
+        extra=extra,
         layout="sslam",
     )
 
@@ -316,6 +371,8 @@ def _read_hf(folder: Path) -> Checkpoint:
         hf_cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: cannot read ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: not a JSON object")
     tensors, _ = _read_safetensors(weights)
     if _HF_STEM["cls_token"] not in tensors:
         raise CheckpointError(f"{weights}: no EAT/SSLAM weights found (expected 'model.*' keys)")
@@ -325,15 +382,16 @@ def _read_hf(folder: Path) -> Checkpoint:
     )
     state = {**{"encoder." + k: v for k, v in encoder.items()}, **head} if head else encoder
     config = config_from_state(state, hf_cfg.get("num_heads"), hf_cfg.get("norm_eps"))
-    extra = {"hf_config": hf_cfg}
-    return Checkpoint(
+    meta = hf_cfg.pop("sslam", None)
+    ckpt = Checkpoint(
         config,
         state,
         labels=_labels_for(config.num_classes),
         normalization=AUDIOSET_NORM,
-        extra=extra,
+        extra={"hf_config": hf_cfg},
         layout="hf",
     )
+    return _with_metadata(ckpt, meta, str(folder / "config.json"))
 
 
 def resolve(path_or_id: str | os.PathLike, cache_dir: str | Path | None = None) -> Path:
@@ -407,17 +465,39 @@ def load_model(
     return model_from_checkpoint(read_checkpoint(path_or_id, teacher=teacher), device)
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _as_os_error(e: Exception) -> OSError | None:
+    """The OSError behind a serializer's failure: torch.save chains it, safetensors names its errno."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = _OS_ERROR.search(str(e))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """`outputs.atomic_write` (rename, ordinary file mode; an OSError becomes a one-line OutputError),
+    also for the disk errors that torch.save and safetensors report as their own exception types."""
+
+    def checked(tmp: str) -> None:
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:
+            cause = _as_os_error(e)
+            if cause is None:
+                raise
+            raise cause from e
+
+    atomic_write(path, checked)
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -439,24 +519,20 @@ def save_checkpoint(
     tensors = dict(state)
     tensors.update({"teacher." + k: v for k, v in (teacher or {}).items()})
     tensors.update({"decoder." + k: v for k, v in (decoder or {}).items()})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
-        "labels": [list(pair) for pair in labels] if labels else None,
-        "normalization": list(normalization) if normalization else None,
-        "extra": _jsonable(extra or {}),
-    }
+    ckpt = Checkpoint(config, state, labels=labels, normalization=normalization, extra=extra or {})
+    meta = {"config": config.to_dict(), **_metadata(ckpt)}
     _save_tensors(Path(path), tensors, {"sslam": json.dumps(meta), "format": "pt"})
 
 
 def hf_config(ckpt: Checkpoint) -> dict:
-    """config.json in the field set of the EAT remote-code models on the Hugging Face Hub."""
+    """config.json in the field set of the EAT remote-code models on the Hugging Face Hub, plus our
+    "sslam" block (labels, normalisation, training metadata). There is no `auto_map`: the folder does
+    not ship the remote-code modules, and naming absent files would only make transformers fail later."""
     cfg = ckpt.config
     if cfg.num_classes and cfg.pool != "cls":
         raise CheckpointError(f"{ckpt.source}: the Hugging Face EAT layout has no mean-pooling classifier")
     return {
         "architectures": ["EATModel"],
-        "auto_map": {"AutoConfig": "configuration_eat.EATConfig", "AutoModel": "modeling_eat.EATModel"},
         "model_type": "eat",
         "embed_dim": cfg.embed_dim,
         "depth": cfg.depth,
@@ -483,6 +559,7 @@ def hf_config(ckpt: Checkpoint) -> dict:
         "img_size": [1024, cfg.mel_bins],
         "torch_dtype": "float32",
         "transformers_version": "4.51.3",
+        "sslam": _metadata(ckpt, _HF_DERIVED),
     }
 
 
@@ -542,9 +619,12 @@ def _fairseq_pretrain_cfg(ckpt: Checkpoint) -> dict:
 
 
 def fairseq_container(ckpt: Checkpoint) -> dict:
-    """The official fairseq checkpoint dict (plain types only) holding this checkpoint's weights."""
+    """The official fairseq checkpoint dict (plain types only) holding this checkpoint's weights, plus
+    a "sslam" key with the labels, normalisation and training metadata (fairseq ignores it)."""
     encoder, head = _split(ckpt.state)
     task = dict(ckpt.extra.get("fairseq_task_cfg") or {})
+    if isinstance(ckpt.extra.get("target_length"), int):
+        task["target_length"] = ckpt.extra["target_length"]
     pretrain = _fairseq_pretrain_cfg(ckpt)
     if ckpt.config.num_classes:
         weights = {"model." + k: v for k, v in _rename_out(encoder, _FAIRSEQ_STEM, "").items()}
@@ -584,13 +664,16 @@ def fairseq_container(ckpt: Checkpoint) -> dict:
         "task_state": task_state,
         "extra_state": {},
         "last_optimizer_state": None,
+        "sslam": _metadata(ckpt, _FAIRSEQ_DERIVED),
     }
 
 
 def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, layout: str) -> Path:
     """Write `ckpt` as "sslam" (one .safetensors), "hf" (folder) or "fairseq" (.pt); returns the path.
 
+    Every layout keeps the labels, normalisation and `extra` metadata (target_length, multilabel, ...).
     The HF layout has no place for the EMA teacher or the pre-training decoder; they are left out.
+    Each file is written through a rename; an OSError (full disk, ...) is an `outputs.OutputError`.
     """
     path = Path(path)
     if layout == "sslam":
@@ -605,9 +688,8 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, layout: str) -> 
             ckpt.extra,
         )
     elif layout == "hf":
-        path.mkdir(parents=True, exist_ok=True)
-        _save_tensors(path / "model.safetensors", hf_tensors(ckpt), {"format": "pt"})
         text = json.dumps(hf_config(ckpt), indent=2) + "\n"
+        _save_tensors(path / "model.safetensors", hf_tensors(ckpt), {"format": "pt"})
         _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(text))
     elif layout == "fairseq":
         container = fairseq_container(ckpt)

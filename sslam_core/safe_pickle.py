@@ -2,16 +2,28 @@
 
 Released checkpoints are fairseq pickles from third-party hosts. `weights_only=True` refuses them
 (they hold fairseq meters, numpy scalars, omegaconf or argparse objects), and `weights_only=False`
-would import and call whatever the file names. Here only an allow-list of globals resolves to the
-real object: torch's own tensor-rebuild functions, storages and dtypes, plain containers and numpy
-scalar/array reconstruction. Any other global becomes an inert `Placeholder` subclass whose
-instances only record their constructor arguments and pickled state.
+would import and call whatever the file names. Here every global the pickle names is looked up in
+two lists kept apart, each entry with the reason it is there:
+
+- `RESOLVED`: names read as the real object, because calling them only builds data: torch's tensor
+  and storage rebuild functions, dtypes and devices; plain containers and values; numpy's scalar and
+  array reconstruction; `_codecs.encode` (text codecs only) and `copyreg._reconstructor` (for the
+  placeholders below only).
+- `PLACEHOLDER_MODULES`: names read as inert `Placeholder` classes, which only
+  record their constructor arguments and pickled state, because real SSLAM / EAT / fairseq
+  checkpoints contain them (fairseq meters and config dataclasses, omegaconf nodes, data2vec, EAT
+  and SSLAM configs and enums, `typing` annotations in omegaconf metadata). `argparse.Namespace`
+  (old fairseq `args`) is resolved, to a plain dict.
+
+Any other global (`posix.system`, `builtins.eval`, `subprocess.Popen`, ...) raises `RefusedGlobal`
+naming it, before anything is called.
 
 Usage: `torch.load(path, pickle_module=sslam_core.safe_pickle, weights_only=False)`.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import datetime
@@ -26,8 +38,16 @@ from torch import _weights_only_unpickler
 UnpicklingError = pickle.UnpicklingError
 
 
+class RefusedGlobal(UnpicklingError):
+    """The pickle names a global that no model file needs; `.name` is its `module.qualname`."""
+
+    def __init__(self, name: str):
+        super().__init__(f"refusing global {name}")
+        self.name = name
+
+
 class Placeholder:
-    """Stand-in for a class or function the allow-list does not trust; it only keeps its data."""
+    """Stand-in for a class or function of a trusted-as-data module; it only keeps its data."""
 
     __module__ = __name__
     qualname = "?"
@@ -50,7 +70,7 @@ class Placeholder:
         self.__dict__.setdefault("list", []).extend(values)
 
     def __repr__(self) -> str:
-        return f"<untrusted {self.qualname}>"
+        return f"<placeholder {self.qualname}>"
 
 
 class PlainNamespace(dict):
@@ -63,12 +83,8 @@ class PlainNamespace(dict):
             self.update(state)
 
 
-def _placeholder(module: str, name: str) -> type[Placeholder]:
-    return type(name.split(".")[-1], (Placeholder,), {"qualname": f"{module}.{name}", "__module__": __name__})
-
-
 def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    """`copyreg._reconstructor` (protocol 0/1 objects) for trusted or placeholder classes only."""
+    """`copyreg._reconstructor` (protocol 0/1 objects) for placeholder classes only."""
     if isinstance(cls, type) and issubclass(cls, (Placeholder, PlainNamespace)):
         return cls.__new__(cls)
     raise UnpicklingError(f"refusing to reconstruct {cls!r}")
@@ -85,32 +101,18 @@ def _numpy_globals() -> dict[str, Any]:
     core = importlib.import_module(
         "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
     )
-    allowed: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    found: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{prefix}.scalar"] = core.scalar
-        allowed[f"{prefix}._reconstruct"] = core._reconstruct
+        found[f"{prefix}.scalar"] = core.scalar
+        found[f"{prefix}._reconstruct"] = core._reconstruct
     for name in dir(np.dtypes):
         if name.endswith("DType"):
-            allowed[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
-    return allowed
+            found[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
+    return found
 
 
-def _allowed_globals() -> dict[str, Any]:
-    allowed = dict(_weights_only_unpickler._get_allowed_globals())
-    allowed.update(_numpy_globals())
-    allowed.update(
-        {
-            "_codecs.encode": _safe_encode,
-            "copyreg._reconstructor": _safe_reconstructor,
-            "argparse.Namespace": PlainNamespace,
-            "collections.OrderedDict": collections.OrderedDict,
-            "collections.defaultdict": collections.defaultdict,
-            "datetime.datetime": datetime.datetime,
-            "datetime.date": datetime.date,
-            "datetime.timedelta": datetime.timedelta,
-        }
-    )
-    for t in (
+def _builtins() -> dict[str, Any]:
+    types = (
         dict,
         list,
         tuple,
@@ -125,23 +127,86 @@ def _allowed_globals() -> dict[str, Any]:
         bytearray,
         slice,
         object,
-    ):
-        allowed[f"builtins.{t.__name__}"] = t
-        allowed[f"__builtin__.{t.__name__}"] = t
-    return allowed
+    )
+    return {f"builtins.{t.__name__}": t for t in types}
 
 
-ALLOWED: dict[str, Any] = _allowed_globals()
+def _resolved() -> dict[str, tuple[Any, str]]:
+    groups: list[tuple[str, dict[str, Any]]] = [
+        (
+            "torch's own weights_only allow-list: tensor, parameter and storage rebuild functions, "
+            "dtypes, layouts, devices, torch.Size; they build tensors from the file's storages",
+            _weights_only_unpickler._get_allowed_globals(),
+        ),
+        ("plain values and containers (omegaconf metadata names builtin types too)", _builtins()),
+        (
+            "plain containers and values in fairseq state (OrderedDict state dicts, meters, timings)",
+            {
+                "collections.OrderedDict": collections.OrderedDict,
+                "collections.defaultdict": collections.defaultdict,
+                "collections.Counter": collections.Counter,
+                "datetime.datetime": datetime.datetime,
+                "datetime.date": datetime.date,
+                "datetime.timedelta": datetime.timedelta,
+            },
+        ),
+        ("numpy scalars and arrays (fairseq metrics, best scores), rebuilt from bytes", _numpy_globals()),
+        (
+            "bytes in protocol 2 pickles; only text codecs, so no codec can run code",
+            {"_codecs.encode": _safe_encode},
+        ),
+        (
+            "protocol 0/1 objects; only placeholder classes may be reconstructed",
+            {"copyreg._reconstructor": _safe_reconstructor},
+        ),
+        (
+            "old fairseq checkpoints keep their options in `args`; read as a plain dict",
+            {"argparse.Namespace": PlainNamespace},
+        ),
+    ]
+    return {name: (obj, reason) for reason, found in groups for name, obj in found.items()}
+
+
+RESOLVED: dict[str, tuple[Any, str]] = _resolved()
+"""Globals read as the real object: name -> (object, reason)."""
+
+_USER_DIR = "configs and enums (e.g. PredictionMode) of an official user dir, in `cfg` saved unresolved"
+PLACEHOLDER_MODULES: dict[str, str] = {
+    "fairseq": "fairseq trainer state: meters in extra_state['metrics'] (fairseq.logging.meters), "
+    "config dataclasses and ChoiceEnum members (fairseq.dataclass) in `cfg`",
+    "omegaconf": "`cfg` saved as DictConfig / ListConfig, with their nodes and metadata",
+    "examples.data2vec": "data2vec 2.0 config dataclasses and the Modality enum in pre-training `cfg`",
+    "EAT": _USER_DIR,
+    "SSLAM_Stage2": _USER_DIR,
+    "SSLAM_Ft_SPASS": _USER_DIR,
+    "SSLAM_Inference": _USER_DIR,
+    "typing": "omegaconf metadata records annotations such as typing.Any as ref_type / key_type",
+}
+"""Modules (with their submodules) whose globals become inert placeholders: module -> reason.
+`argparse.Namespace` (old fairseq `args`) is read as a plain dict, see `RESOLVED`."""
+
+
+def _placeholder(key: str) -> type[Placeholder]:
+    return type(key.rsplit(".", 1)[-1], (Placeholder,), {"qualname": key, "__module__": __name__})
+
+
+def _is_placeholder(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in PLACEHOLDER_MODULES)
 
 
 class Unpickler(pickle.Unpickler):
-    """`pickle.Unpickler` whose globals come from `ALLOWED`, or else are inert placeholders."""
+    """`pickle.Unpickler` whose globals come from `RESOLVED`, become placeholders, or are refused."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names, as in protocols 0-2
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = f"{module}.{name}"
-        if key in ALLOWED:
-            return ALLOWED[key]
-        return _placeholder(module, name)
+        if key in RESOLVED:
+            return RESOLVED[key][0]
+        if _is_placeholder(module):
+            return _placeholder(key)
+        raise RefusedGlobal(key)
 
 
 def load(file: Any, **kwargs: Any) -> Any:
@@ -152,6 +217,17 @@ def load(file: Any, **kwargs: Any) -> Any:
 def loads(data: bytes, **kwargs: Any) -> Any:
     """`pickle.loads` through the restricted `Unpickler`."""
     return Unpickler(io.BytesIO(data), **kwargs).load()
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The name of the refused global behind `error` (torch may wrap it), else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RefusedGlobal):
+            return error.name
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def to_plain(obj: Any) -> Any:
@@ -174,12 +250,15 @@ def to_plain(obj: Any) -> Any:
 
 
 __all__ = [
-    "ALLOWED",
+    "PLACEHOLDER_MODULES",
+    "RESOLVED",
     "Placeholder",
     "PlainNamespace",
+    "RefusedGlobal",
     "Unpickler",
     "UnpicklingError",
     "load",
     "loads",
+    "refused_global",
     "to_plain",
 ]
