@@ -45,10 +45,13 @@ def _setup(
         False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
     ),
 ) -> None:
-    """Process-wide settings shared by every command."""
+    """Process-wide settings shared by every command: the heap setting, and decoder libraries' chatter
+    kept off stderr (see `sslam_core.native_stderr`)."""
+    from sslam_core.native_stderr import filter_native_stderr
     from sslam_core.process import limit_heap_fragmentation
 
     limit_heap_fragmentation()
+    filter_native_stderr()
 
 
 app.command("tag")(tag.tag)
