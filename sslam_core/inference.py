@@ -8,7 +8,6 @@ batch. Results come back per file, in input order, with per-file errors instead 
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,17 +25,6 @@ SAMPLE_RATE = 16000
 HOP_SAMPLES = 160  # 10 ms frame shift
 FRAME_SAMPLES = 400  # 25 ms frame
 PATCH_FRAMES = 16  # one time patch = 160 ms
-
-
-def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
-    """On glibc, serve allocations of at least `threshold` bytes with mmap, so that the activations a
-    batch frees go back to the system. Without it, long runs grow by hundreds of MB of fragmented heap
-    (glibc raises its mmap threshold after each large free). Returns whether the setting took."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def window_samples(frames: int) -> int:
