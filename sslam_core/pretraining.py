@@ -349,11 +349,9 @@ def build_task(s: PretrainSettings, device: torch.device, model_config: dict | N
         raise PretrainConfigError(f"no audio files found in {', '.join(s.data)}")
     from sslam_core.trainer import fit_batch_size, note
 
-    batch_size = fit_batch_size(s.batch_size, len(dataset), distributed.get_world_size())
-    if batch_size < s.batch_size:
-        note(
-            f"note: --batch-size {s.batch_size} is more than {len(dataset)} clips allow; using {batch_size}"
-        )
+    batch_size = fit_batch_size(s.batch_size, len(dataset), distributed.get_world_size()) if s.steps else 0
+    if 0 < batch_size < s.batch_size:  # (--steps 0 makes no batches)
+        note(f"note: --batch-size {s.batch_size} is more than {len(dataset)} clips allow; using {batch_size}")
         if s.stage == "sslam" and batch_size < 2:
             raise PretrainConfigError(
                 "--stage sslam mixes each clip with its batch neighbour: need 2 clips a rank"

@@ -295,7 +295,11 @@ def test_cli_result_tags_with_its_own_labels(tmp_path, pretrained):
     assert {x["label"] for x in labels} == {"0", "1", "2"}
     assert sum(x["score"] for x in labels) == pytest.approx(1.0, abs=1e-4)  # softmax: multi-class head
     bad = runner.invoke(app, ["finetune", "--data", str(DATA / "nowhere"), "--model", "tiny", "-o", str(out)])
-    assert bad.exit_code == 2 and "nowhere" in bad.output
+    assert bad.exit_code == 2 and "holds a run" in bad.output  # refused before reading anything
+    bad = runner.invoke(
+        app, ["finetune", "--data", str(DATA / "nowhere"), "--model", "tiny", "-o", str(tmp_path / "new")]
+    )
+    assert bad.exit_code == 2 and "nowhere" in bad.output and not (tmp_path / "new").exists()
 
 
 def test_default_steps_give_small_linear_probes_enough_updates():
