@@ -101,6 +101,7 @@ def evaluate(
         "missing": missing_out,
     }
     _check_options(fmt, outputs, window, hop, target_length, norm, batch_size, workers)
+    wanted_folds = parse_folds(folds)
     if predictions is not None:
         if checkpoint is not None or data is not None:
             fail("--predictions re-scores a saved file; leave out --checkpoint and --data")
@@ -119,7 +120,7 @@ def evaluate(
     else:
         frames = {"window": window, "hop": hop, "target_length": target_length}
         run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
-        pred = _run_model(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run)
+        pred = _run_model(checkpoint, data, audio_dir, wanted_folds, multilabel, norm, frames, run)
     try:
         summary = summarize(pred, by_polyphony=by_polyphony)
     except EvaluationError as e:
@@ -185,12 +186,10 @@ def _check_options(
             fail(f"--plot: {e}")
 
 
-def _write_reports(
-    pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str
-) -> None:
+def _write_reports(pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str):
     """Write the requested report files atomically; a failure is one line naming the file, exit 2."""
-    from sslam_core.evaluation import per_class_csv
-    from sslam_core.outputs import OutputError, atomic_write, write_text
+    from sslam_core.evaluation import headline, per_class_csv
+    from sslam_core.outputs import OutputError, write_text
 
     try:
         if outputs["predictions"] is not None:
@@ -202,22 +201,20 @@ def _write_reports(
         if outputs["plot"] is not None:
             from sslam_core.plots import plot_class_ap
 
-            def draw(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    plot_class_ap(rows, f, title=title)
-
-            atomic_write(outputs["plot"], draw)
+            name, value = headline(summary)
+            try:
+                plot_class_ap(rows, outputs["plot"], title=title, metric_name=name, metric_value=value)
+            except ValueError as e:
+                fail(f"--plot: {e}")
     except OutputError as e:
         fail(str(e))
-    except ValueError as e:
-        fail(f"--plot: {e}")
 
 
 def _run_model(
     checkpoint: str,
     data: str,
     audio_dir: Path | None,
-    folds: str | None,
+    folds: list[int] | None,
     multilabel: bool | None,
     norm: str | None,
     frames: dict,
@@ -249,9 +246,8 @@ def _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames: dict,
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
         multilabel = ckpt.extra["multilabel"]
     length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
-    wanted = parse_folds(folds)
     try:
-        dataset = read_labelled(data, audio_dir=audio_dir, folds=wanted, multilabel=multilabel)
+        dataset = read_labelled(data, audio_dir=audio_dir, folds=folds, multilabel=multilabel)
     except DatasetError as e:
         fail(str(e))
     if dataset.missing:

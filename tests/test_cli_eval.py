@@ -273,3 +273,16 @@ def test_signal_stops_after_the_batch_in_flight(checkpoint, tmp_path, sig):
     assert "Traceback" not in stderr and len(lines) == 1, stderr
     assert lines[0].startswith(f"interrupted ({sig.name}) after ") and "--resume" not in lines[0]
     assert stdout == "" and not out.exists()
+
+
+def test_plot_shows_the_metric_the_text_reports(saved, tmp_path, monkeypatch):
+    import sslam_core.plots as plots
+
+    figures, real = [], plots.plot_class_ap
+    monkeypatch.setattr(plots, "plot_class_ap", lambda *a, **k: figures.append(real(*a, **k)))
+    out = tmp_path / "ap.png"
+    summary = json.loads(sslam("eval", "--predictions", saved, "--format", "json", "--plot", out).stdout)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    legends = [t.get_text() for ax in figures[0].axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert any(f"accuracy {summary['accuracy']:.3f}" in t for t in legends), legends
+    assert not any("mAP" in t for t in legends)
