@@ -186,12 +186,16 @@ def _jsonable(value: Any) -> Any:
 # Keys of `Checkpoint.extra` that a layout derives from its own fields, so its "sslam" block omits them.
 _FAIRSEQ_DERIVED = ("fairseq_model_cfg", "fairseq_task_cfg", "num_updates")
 _HF_DERIVED = ("hf_config",)
+# ModelConfig fields that neither the tensor shapes nor the fairseq / HF configs record.
+_UNRECORDED = ("drop_path",)
 
 
 def _metadata(ckpt: Checkpoint, derived: tuple[str, ...] = ()) -> dict:
-    """Labels, normalisation and extra metadata as plain JSON types (the "sslam" block of every layout)."""
+    """Config, labels, normalisation and extra metadata as plain JSON types (the "sslam" block of
+    every layout)."""
     return {
         "format_version": FORMAT_VERSION,
+        "config": ckpt.config.to_dict(),
         "labels": [list(pair) for pair in ckpt.labels] if ckpt.labels else None,
         "normalization": list(ckpt.normalization) if ckpt.normalization else None,
         "extra": _jsonable({k: v for k, v in ckpt.extra.items() if k not in derived}),
@@ -223,8 +227,14 @@ def _with_metadata(ckpt: Checkpoint, meta: Any, where: str) -> Checkpoint:
     if meta is None:
         return ckpt
     labels, norm, extra = _parse_metadata(meta, where)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    try:
+        unrecorded = {k: float(config[k]) for k in _UNRECORDED if k in config}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid 'sslam' metadata ({e})") from None
     return replace(
         ckpt,
+        config=replace(ckpt.config, **unrecorded),
         labels=labels or ckpt.labels,
         normalization=norm or ckpt.normalization,
         extra={**extra, **ckpt.extra},
@@ -500,6 +510,12 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     atomic_write(path, checked)
 
 
+def _torch_save(obj: Any, tmp: str) -> None:
+    """`torch.save` through a Python file, so that a write error surfaces as its OSError."""
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     owned = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(owned, tmp, metadata=metadata))
@@ -520,8 +536,7 @@ def save_checkpoint(
     tensors.update({"teacher." + k: v for k, v in (teacher or {}).items()})
     tensors.update({"decoder." + k: v for k, v in (decoder or {}).items()})
     ckpt = Checkpoint(config, state, labels=labels, normalization=normalization, extra=extra or {})
-    meta = {"config": config.to_dict(), **_metadata(ckpt)}
-    _save_tensors(Path(path), tensors, {"sslam": json.dumps(meta), "format": "pt"})
+    _save_tensors(Path(path), tensors, {"sslam": json.dumps(_metadata(ckpt)), "format": "pt"})
 
 
 def hf_config(ckpt: Checkpoint) -> dict:
@@ -693,7 +708,7 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, layout: str) -> 
         _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(text))
     elif layout == "fairseq":
         container = fairseq_container(ckpt)
-        _atomic(path, lambda tmp: torch.save(container, tmp))
+        _atomic(path, lambda tmp: _torch_save(container, tmp))
     else:
         raise CheckpointError(
             f"{path}: unknown checkpoint layout {layout!r} (choose from {', '.join(LAYOUTS)})"
