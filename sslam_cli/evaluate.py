@@ -101,6 +101,7 @@ def evaluate(
         "missing": missing_out,
     }
     _check_options(fmt, outputs, window, hop, target_length, norm, batch_size, workers)
+    _check_distinct(outputs, [predictions, data, checkpoint])
     wanted_folds = parse_folds(folds)
     if predictions is not None:
         if checkpoint is not None or data is not None:
@@ -161,12 +162,6 @@ def _check_options(
         out = outputs[key]
         if out is not None and out.suffix.lower() not in wanted:
             fail(f"{flags[key]} {out}: expected a {' or '.join(wanted)} file")
-    given = [Path(os.path.abspath(p)) for p in outputs.values() if p is not None]
-    if len(set(given)) < len(given):
-        fail(
-            "the same file was given for two outputs: "
-            + ", ".join(sorted({str(p) for p in given if given.count(p) > 1}))
-        )
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size {batch_size}: expected a positive number of windows")
     if workers is not None and workers < 0:
@@ -184,6 +179,18 @@ def _check_options(
             pyplot()
         except RuntimeError as e:
             fail(f"--plot: {e}")
+
+
+def _check_distinct(outputs: dict[str, Path | None], inputs: list) -> None:
+    """No file named for two outputs, and no output that is one of the input files."""
+    given = [os.path.abspath(p) for p in outputs.values() if p is not None]
+    twice = sorted({p for p in given if given.count(p) > 1})
+    if twice:
+        fail(f"the same file was given for two outputs: {', '.join(twice)}")
+    files = [p for p in inputs if p is not None and os.path.isfile(p)]
+    for path in given:
+        if os.path.isfile(path) and any(os.path.samefile(path, p) for p in files):
+            fail(f"{path}: is one of the inputs; write the output elsewhere")
 
 
 def _write_reports(pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str):

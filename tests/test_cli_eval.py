@@ -278,11 +278,21 @@ def test_signal_stops_after_the_batch_in_flight(checkpoint, tmp_path, sig):
 def test_plot_shows_the_metric_the_text_reports(saved, tmp_path, monkeypatch):
     import sslam_core.plots as plots
 
-    figures, real = [], plots.plot_class_ap
-    monkeypatch.setattr(plots, "plot_class_ap", lambda *a, **k: figures.append(real(*a, **k)))
+    calls, real = [], plots.plot_class_ap
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_class_ap", record)
     out = tmp_path / "ap.png"
     summary = json.loads(sslam("eval", "--predictions", saved, "--format", "json", "--plot", out).stdout)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    legends = [t.get_text() for ax in figures[0].axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert any(f"accuracy {summary['accuracy']:.3f}" in t for t in legends), legends
-    assert not any("mAP" in t for t in legends)
+    assert calls[0]["metric_name"] == "accuracy" and calls[0]["metric_value"] == summary["accuracy"]
+
+
+def test_output_that_is_an_input_refused_even_with_overwrite(saved):
+    before = saved.read_bytes()
+    result = sslam("eval", "--predictions", saved, "--predictions-out", saved, "--overwrite", code=2)
+    assert len(error_lines(result)) == 1 and "is one of the inputs" in result.stderr
+    assert saved.read_bytes() == before
