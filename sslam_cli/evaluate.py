@@ -235,7 +235,18 @@ def _run_model(
         return _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run, stop)
 
 
-def _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames: dict, run: dict, stop):
+def _predict(
+    checkpoint: str,
+    data: str,
+    audio_dir: Path | None,
+    folds: list[int] | None,
+    multilabel: bool | None,
+    norm: str | None,
+    frames: dict,
+    run: dict,
+    stop,
+):
+    """`_run_model` inside its StopRequest `stop`, checked after the set-up and after every file."""
     from sslam_core.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
     from sslam_core.datasets import DatasetError, read_labelled
     from sslam_core.evaluation import EvaluationError, class_columns, predict
