@@ -139,19 +139,27 @@ def test_same_file_for_two_outputs_refused(saved, tmp_path):
     assert len(error_lines(result)) == 1 and not out.exists()
 
 
-def test_write_failure_is_one_line_and_old_file_kept(saved, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "code, cause",
+    [
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EACCES, "permission denied"),
+        (errno.EROFS, "read-only file system"),
+    ],
+)
+def test_write_failure_is_one_line_and_old_file_kept(saved, tmp_path, monkeypatch, code, cause):
     out = tmp_path / "classes.csv"
     out.write_text("old\n")
     real = os.replace
 
-    def full(src, dst):
+    def failing(src, dst):
         if str(dst) == str(out):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code))
         real(src, dst)
 
-    monkeypatch.setattr(os, "replace", full)
+    monkeypatch.setattr(os, "replace", failing)
     result = sslam("eval", "--predictions", saved, "--per-class", out, "--overwrite", code=2)
-    assert error_lines(result) == [f"error: {out}: cannot write (no space left on device)"]
+    assert error_lines(result) == [f"error: {out}: cannot write ({cause})"]
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "classes.csv",
         "saved.npz",
