@@ -10,25 +10,57 @@ import typer
 from sslam_cli.common import fail, warn
 
 
+def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
+    """Shard files in `out` that packing `paths` would replace (made from other inputs)."""
+    from sslam_core.training_data import _digest, _reusable
+
+    names = []
+    for k, first in enumerate(range(0, len(paths), shard_size)):
+        shard = out / f"shard-{k:05d}.h5"
+        if shard.exists() and _reusable(shard, _digest(paths[first : first + shard_size])) is None:
+            names.append(shard.name)
+    return names
+
+
 def pack(
     data: Annotated[
         list[str], typer.Argument(help="Audio files, folders, path lists or fairseq .tsv manifests.")
     ],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (shards + index.json).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (shards + index.json; created).")],
     shard_size: Annotated[int, typer.Option("--shard-size", help="Input files per shard.")] = 1000,
     workers: Annotated[int, typer.Option("--workers", help="Decoding threads.")] = 2,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace shards in OUT that were packed from other inputs.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Pack audio into shards for `sslam pretrain`; re-running skips finished shards."""
+    """Pack audio into shards for `sslam pretrain`; re-running with the same inputs skips finished shards."""
     from sslam_core.datasets import DatasetError, list_audio
+    from sslam_core.outputs import output_error
     from sslam_core.training_data import pack_audio
 
+    if shard_size < 1:
+        fail(f"--shard-size must be at least 1, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: is a file, not a folder")
     try:
         paths = list_audio(data, recursive=recursive)
-        report = pack_audio(paths, out, shard_size=shard_size, num_workers=workers, progress=not quiet)
-    except (DatasetError, ValueError, OSError) as e:
+    except (DatasetError, ValueError) as e:
         fail(str(e))
+    replaced = _replaced_shards(paths, out, shard_size) if out.is_dir() else []
+    if replaced and not overwrite:
+        shown = ", ".join(replaced[:3]) + (", ..." if len(replaced) > 3 else "")
+        fail(
+            f"{out} holds {len(replaced)} shard(s) packed from other inputs ({shown}); "
+            "pass --overwrite to replace them"
+        )
+    try:
+        report = pack_audio(paths, out, shard_size=shard_size, num_workers=workers, progress=not quiet)
+    except (DatasetError, ValueError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(str(output_error(out, e)))
     for path, reason in report.skipped:
         warn(f"{path}: {reason}")
     hours = report.samples / 16000 / 3600

@@ -6,29 +6,42 @@ from pathlib import Path
 
 import typer
 
-from sslam_cli.common import err_console, fail
+from sslam_cli.common import claim_or_fail, fail, note
 
 
 def plot(
     run_dir: Path = typer.Argument(
         ..., help="Training run folder (holding metrics.jsonl) or the log itself."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write (folders are created)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
-    """Plot the curves logged in RUN_DIR/metrics.jsonl against the step."""
-    from sslam_core.plots import curve_groups, plot_training_curves, read_metrics_log
-
+    """Plot the curves logged in RUN_DIR/metrics.jsonl against the step, one panel per kind of value."""
     log = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
     if not log.is_file():
         fail(f"{run_dir}: no metrics.jsonl (is this a training run folder?)")
     if output.suffix.lower() != ".png":
         fail(f"{output}: expected a .png file")
+    claim_or_fail(output, overwrite)
+    try:
+        from sslam_core.plots import curve_groups, plot_training_curves, read_metrics_log, unplotted_keys
+    except RuntimeError as e:
+        fail(str(e))
     try:
         records = read_metrics_log(log)
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"{log}: cannot read ({e})")
-    if not records or not curve_groups(records):
+        from sslam_core.outputs import os_reason
+
+        fail(f"{log}: cannot read ({os_reason(e) if isinstance(e, OSError) else e})")
+    groups = curve_groups(records)
+    if not records or not groups:
         fail(f"{log}: no logged values to plot")
-    plot_training_curves(records, output, title=str(run_dir))
-    panels = ", ".join(f"{name}: {' '.join(keys)}" for name, keys in curve_groups(records).items())
-    err_console.print(f"wrote {output} ({len(records)} log lines; {panels})")
+    try:
+        plot_training_curves(records, output, title=str(run_dir))
+    except (OSError, RuntimeError) as e:
+        fail(str(e))
+    panels = "; ".join(f"{name}: {' '.join(keys)}" for name, keys in groups.items())
+    left_out = unplotted_keys(records)
+    note(f"wrote {output} ({len(records)} log lines; {panels})")
+    if left_out:
+        note(f"not plotted (step counters, counts, throughput or no finite value): {' '.join(left_out)}")

@@ -9,7 +9,17 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from sslam_cli.common import EXIT_OK, EXIT_SKIPPED, err_console, fail, pick_device, warn
+from sslam_cli.common import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    claim_or_fail,
+    err_console,
+    fail,
+    note,
+    pick_device,
+    warn,
+    write_text_atomic,
+)
 
 
 def _audio_paths(data: str, audio_dir: Path | None) -> list[str]:
@@ -38,6 +48,10 @@ def stats(
         help="Count only each file's first N frames, as a model input of N frames keeps [default: all].",
     ),
     fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Write the result to this file instead of stdout."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     batch_size: int = typer.Option(16, "--batch-size", "-b"),
     workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
@@ -49,6 +63,8 @@ def stats(
         fail(f"--format {fmt!r}: choose table or json")
     if target_length is not None and target_length <= 0:
         fail(f"--target-length must be positive, got {target_length}")
+    if output is not None:
+        claim_or_fail(output, overwrite)
     paths = _audio_paths(data, audio_dir)
     if not paths:
         fail(f"{data}: no audio files")
@@ -82,18 +98,20 @@ def stats(
             "n_skipped": len(result.skipped),
             "target_length": target_length,
         }
-        typer.echo(
-            json.dumps(
-                {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
-            )
-        )
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()}
+        text = json.dumps(finite) + "\n"
     else:
-        typer.echo(f"mean  {result.mean:.6f}")
-        typer.echo(f"std   {result.std:.6f}")
-        typer.echo(
-            f"over  {result.frames} frames x 128 bins of {result.files} file(s) ({scope}; padding excluded)"
+        text = (
+            f"mean  {result.mean:.6f}\n"
+            f"std   {result.std:.6f}\n"
+            f"over  {result.frames} frames x 128 bins of {result.files} file(s) ({scope}; padding excluded)\n"
+            f"use   --norm {result.norm}\n"
         )
-        typer.echo(f"use   --norm {result.norm}")
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomic(output, text)
+        note(f"wrote {output}")
     if result.skipped:
-        err_console.print(f"read {result.files} file(s), skipped {len(result.skipped)}")
+        note(f"read {result.files} file(s), skipped {len(result.skipped)}")
     raise typer.Exit(EXIT_SKIPPED if result.skipped else EXIT_OK)
