@@ -320,6 +320,9 @@ class AudioBatches:
             collate_fn=collate_clips,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=ignore_stop_signals if self.num_workers else None,
+            # The loader's base seed comes from here, not the global RNG (dropout's), whose draws would
+            # otherwise depend on where the epoch's loader was started: at the epoch start or a resume.
+            generator=torch.Generator().manual_seed(epoch_seed + rank),
         )
         for raw in loader:
             for path, reason in raw["skipped"]:

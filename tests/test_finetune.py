@@ -309,3 +309,18 @@ def test_default_steps_give_small_linear_probes_enough_updates():
     assert default_steps(True, 2700, 48) == LINEAR_MIN_STEPS  # 50 epochs would be 2800 updates
     assert default_steps(True, 2700, 48, epochs=5) == 5 * (2700 // 48)  # an explicit --epochs wins
     assert default_steps(True, 2_000_000, 48) == 50 * (2_000_000 // 48)
+
+
+def test_full_finetune_resumes_exactly_mid_epoch(tmp_path, digits, pretrained):
+    """Drop-path draws from the global RNG: the data loader must not draw from it at a resumed epoch."""
+
+    def task():
+        return FinetuneTask(digits, None, pretrained, quick(batch_size=4), seed=2)  # 3 batches an epoch
+
+    whole = task()
+    run(whole, tmp_path / "whole", 7, save_every=7, seed=2)
+    run(task(), tmp_path / "split", 7, save_every=7, seed=2, stop_at=4)
+    resumed = task()
+    finetune(resumed, recipe(False, 7, False, tmp_path / "split", save_every=7, seed=2, progress=False), True)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
