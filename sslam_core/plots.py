@@ -44,15 +44,17 @@ def timeline_grid(segments: Sequence[tuple[float, float, np.ndarray]], rows: Seq
     which any window starts or ends, `grid[r, i]` is the max score of class `rows[r]` over the windows
     covering [edges[i], edges[i + 1]] (NaN where no window does: a hop longer than the window) and
     `overlap` says whether some interval is covered by more than one window."""
-    edges = np.unique(np.array([t for a, b, _ in segments for t in (a, b)], dtype=np.float64))
+    if not segments:
+        raise ValueError("no windows to plot")
+    spans = np.round(np.array([(a, b) for a, b, _ in segments], dtype=np.float64), 6)  # to the microsecond
+    edges = np.unique(spans)
     if len(edges) == 1:  # a single zero-length window
         edges = np.array([edges[0], edges[0] + 1e-3])
     rows = np.asarray(rows, dtype=np.int64)
     grid = np.full((len(rows), len(edges) - 1), np.nan)
     overlap = False
-    eps = 1e-9
     for i, (t0, t1) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-        covering = [s[rows] for a, b, s in segments if a <= t0 + eps and b >= t1 - eps and b > a]
+        covering = [s[rows] for (a, b), (_, _, s) in zip(spans, segments, strict=True) if a <= t0 and b >= t1]
         if covering:
             grid[:, i] = np.max(covering, axis=0)
             overlap |= len(covering) > 1
@@ -95,7 +97,7 @@ def plot_timeline(result, labels: Sequence[tuple[str, str]], path: str | Path, t
     ax.set_xlim(0.0, duration)
     ax.set_ylim(len(top) - 0.5, -0.5)
     ax.set_yticks(range(len(top)), names)
-    for start, _, _ in result.segments[1:]:
+    for start, _, _ in result.segments[1:] if len(result.segments) <= 60 else ():
         ax.axvline(start, color="white", linewidth=0.6, alpha=0.5)
     _annotate_cells(ax, edges, grid, duration, fig.get_figwidth() * 0.7)
     ax.set_xlabel("time (s)")

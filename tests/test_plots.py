@@ -85,6 +85,10 @@ def test_timeline_overlap_takes_the_max_and_gaps_stay_empty(tmp_path):
     fig = plot_timeline(tagged(20.0, overlapping), LABELS, tmp_path / "o.png")
     assert "max over overlapping windows" in fig.axes[1].get_ylabel()  # the colour bar says so
 
+    abutting = [(t, t + 10.24, np.zeros(6)) for t in np.arange(0.0, 200.0, 10.24)]  # t + 10.24 != next t
+    edges, _, overlap = plots.timeline_grid(abutting, [0])
+    assert not overlap and len(edges) == len(abutting) + 1
+
     gaps = tagged(25.0, [(0.0, 5.0), (10.0, 15.0), (20.0, 25.0)])  # hop 10 s, window 5 s
     fig = plot_timeline(gaps, LABELS, tmp_path / "g.png")
     assert np.allclose(mesh_x(fig), [0, 5, 10, 15, 20, 25])
