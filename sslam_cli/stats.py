@@ -52,7 +52,7 @@ def stats(
         None, "--output", "-o", help="Write the result to this file instead of stdout."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Files per fbank batch."),
     workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
 ) -> None:
