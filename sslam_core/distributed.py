@@ -89,16 +89,21 @@ def all_reduce_mean(values: dict[str, float], device: torch.device | None = None
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank when `flag` is true on any rank (a stop request, a failed write); every rank
-    must call it at the same point. `flag` itself in a single process."""
+def all_reduce_max(value: int, device: torch.device | None = None) -> int:
+    """The largest of every rank's `value` (an integer), on every rank; every rank must call it at the
+    same point. `value` itself in a single process."""
     if not is_distributed():
-        return bool(flag)
+        return int(value)
     if device is None or (dist.get_backend() == "nccl") != (device.type == "cuda"):
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on any rank (a failed write, a stop request)."""
+    return all_reduce_max(1 if flag else 0, device) > 0
 
 
 def all_gather_objects(obj: object) -> list:
@@ -143,6 +148,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_mean",
+    "all_reduce_max",
     "any_rank",
     "all_gather_objects",
     "broadcast_object",

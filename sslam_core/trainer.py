@@ -289,9 +289,9 @@ def _train(
     run_start = log_start = time.perf_counter()
     last: dict[str, float] = {}
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    stopping = False
+    stop_signal = 0
 
-    while step < end and not stopping:
+    while step < end and not stop_signal:
         lr = cosine_schedule(step, config.warmup, config.steps, config.lr, config.min_lr)
         set_lr(optimizer, lr)
 
@@ -322,7 +322,8 @@ def _train(
         bar.update(1)
 
         # Stop on a signal at this step boundary: every rank learns of it here, so all stop together.
-        stopping = distributed.any_rank(stop.requested, device)
+        stop_signal = distributed.all_reduce_max(stop.signum or 0, device)
+        stopping = stop_signal > 0
 
         # Log: averages since the last log line, over micro-steps and ranks.
         if step % config.log_every == 0 or step == end or stopping:
@@ -359,10 +360,9 @@ def _train(
     summary = _summary(
         config, out, step, start_step, elapsed, {**last, "clips_per_s": throughput}, best, main
     )
-    if stopping:
-        signum = stop.signum if stop.signum is not None else signal.SIGTERM  # a signal at another rank
-        summary["interrupted"] = signal.Signals(signum).name
-        summary["exit_code"] = stop_exit_code(signum)
+    if stop_signal:
+        summary["interrupted"] = signal.Signals(stop_signal).name
+        summary["exit_code"] = stop_exit_code(stop_signal)
     return summary
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 
 import torch
@@ -87,3 +89,52 @@ def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path):
     assert state["step"] == 6 and len(state["rng"]) == WORLD
     steps = [json.loads(s)["step"] for s in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+class SignalledTask(ShardedToyTask):
+    """Rank 1 alone gets SIGUSR1 after update 3, as when a scheduler signals one node."""
+
+    def after_step(self, step):
+        if step == 3 and distributed.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _stop_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
+    os.environ.update(WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_distributed("cpu")
+    cfg = TrainConfig(
+        steps=8, batch_size=4, save_every=100, out_dir=os.path.join(root, "run"), progress=False
+    )
+    summary = train(SignalledTask(), cfg)
+    result = {"steps": summary["steps"], "interrupted": summary.get("interrupted")}
+
+    # A full disk on rank 0 (the only writer) stops every rank with an error, none waits forever.
+    from sslam_core import trainer
+    from sslam_core.outputs import OutputError
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if rank == 0:
+        trainer._Writer.write = full
+    try:
+        train(
+            ShardedToyTask(), TrainConfig(**{**cfg.to_dict(), "betas": (0.9, 0.95), "steps": 9}), resume=True
+        )
+    except OutputError as e:
+        result["error"] = str(e)
+    with open(os.path.join(root, f"stop{rank}.json"), "w") as f:
+        json.dump(result, f)
+    distributed.cleanup(sync=False)
+
+
+def test_a_signal_at_one_rank_stops_all_at_the_same_step(tmp_path):
+    mp.spawn(_stop_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(WORLD))
+    assert (r0["steps"], r1["steps"]) == (3, 3)
+    assert r0["interrupted"] == r1["interrupted"] == "SIGUSR1"
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 3  # kept after the error
+    assert r0["error"] == f"{tmp_path / 'run' / 'state.pt'}: cannot write (no space left on device)"
+    assert r1["error"] == "rank 0 could not write the run folder; stopping"
