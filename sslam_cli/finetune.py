@@ -29,7 +29,7 @@ def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multi
             folds=valid_folds or None,
             multilabel=train_set.multilabel,
         )
-    elif valid_fraction and saved_split is not None:
+    elif saved_split is not None:  # resume: the split the run was started on
         train_set, valid_set = apply_split(train_set, saved_split)
         return train_set, valid_set, saved_split
     elif valid_fraction:
