@@ -156,9 +156,7 @@ def finetune(
         world = int(os.environ.get("WORLD_SIZE", "1"))
         fitted = fit_batch_size(batch_size, len(train_set), world)
         if fitted < batch_size:
-            note(
-                f"note: --batch-size {batch_size} is more than {len(train_set)} clips allow; using {fitted}"
-            )
+            note(f"note: --batch-size {batch_size} is more than {len(train_set)} clips allow; using {fitted}")
             batch_size = fitted
         config = FinetuneConfig(
             target_length=target_length,
