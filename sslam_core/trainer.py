@@ -740,7 +740,7 @@ def _summary(config, out: Path, step: int, start: int, elapsed: float, last: dic
         "best": best,
     }
     if main and config.progress:
-        terms = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "epoch"))
+        terms = ", ".join(_term(k, v) for k, v in last.items() if k not in ("step", "epoch"))
         _say(
             True,
             f"done: step {step} ({step - start} this run, {elapsed:.1f} s){'; ' + terms if terms else ''}",
