@@ -157,18 +157,21 @@ def train(
     info = distributed.init_distributed(config.device)
     out = Path(config.out_dir)
     resuming = resume and (out / "state.pt").exists()
-    created = False
+    created, before = False, set()
     if info.rank == 0:
         created = not out.exists()
         _make_folder(out)
         if overwrite and not resuming:
             clear_run(out)
+        before = set(run_files(out))
     try:
         with StopRequest(STOP_SIGNALS) as stop:
             return _train(task, config, info, resume, stop_at, meta, files or {}, stop)
     except BaseException:
         if info.rank == 0 and not resuming and not (out / "state.pt").exists():
-            _remove_unsaved_run(out, created, files or {})
+            _remove_unsaved_run(
+                out, created, [n for n in (*RUN_FILES, *RUN_FOLDERS, *(files or {})) if n not in before]
+            )
         raise
 
 
@@ -412,11 +415,14 @@ def _make_folder(out: Path) -> None:
         raise output_error(out, e, "cannot create the folder") from e
 
 
-def _remove_unsaved_run(out: Path, created: bool, files: dict[str, str]) -> None:
-    """After a failure before the first state.pt: remove what this run wrote (best effort)."""
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", *files):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+def _remove_unsaved_run(out: Path, created: bool, names: list[str]) -> None:
+    """After a failure before the first state.pt: remove the files this run made (best effort; files
+    that were there before it, such as a `--steps 0` export, stay)."""
+    for name in names:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
+        else:
+            (out / name).unlink(missing_ok=True)
     if created:
         try:
             out.rmdir()  # only when empty

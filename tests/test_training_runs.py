@@ -335,3 +335,12 @@ def test_finetune_saves_its_data_and_split_and_resume_uses_them(tmp_path, encode
     assert "changed schedule (steps 2 -> 3" in r.stderr
     report = json.loads(r.stdout.splitlines()[-1])
     assert (report["steps"], report["clips"], report["valid_clips"]) == (3, 10, 2)
+
+
+def test_a_failed_resume_of_an_export_only_run_keeps_its_files(tmp_path):
+    train(ToyTask(), config(tmp_path, steps=0))  # a --steps 0 export: model and config, no state.pt
+    exported = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="bad batch"):
+        train(FailingTask(fail_at=1), config(tmp_path), resume=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == exported
+    assert not (tmp_path / "metrics.jsonl").exists() or (tmp_path / "metrics.jsonl").read_text() == ""
