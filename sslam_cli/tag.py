@@ -165,10 +165,10 @@ def tag(
             precision=precision,
             normalization=parse_norm(norm, model.normalization),
             stop=lambda: stop.requested,
+            names=[name for _, _, name in todo],
         )
         try:
             for (i, _, name), res in zip(todo, stream, strict=False):  # shorter when interrupted
-                res.path = name
                 bar.update()
                 text = "" if res.error else _render(res, names, fmt, top_k, threshold, timeline, output)
                 if res.error:
@@ -276,12 +276,12 @@ def _render(res, names, fmt: str, top_k: int, threshold, timeline: bool, output)
                     for r, (n, m, _) in enumerate(chosen, 1)
                 ]
         return _csv_rows(rows)
-    table = Table(title=cell(f"{res.path} ({res.duration:.2f} s)"), title_justify="left")
+    table = Table()  # the title goes above as a line of its own: a table title wraps at its width
     for name in ("label", "mid", "score"):
         table.add_column(name, justify="right" if name == "score" else "left")
     for n, m, s in chosen:
         table.add_row(cell(n), cell(m), f"{s:.3f}")
-    tables = [table]
+    tables = [cell(f"{res.path} ({res.duration:.2f} s)"), table]
     if timeline:
         seg = Table(show_header=True)
         for name in ("start", "end", "top labels"):

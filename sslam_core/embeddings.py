@@ -109,6 +109,7 @@ def extract_to_h5(
         target_length=target_length,
         hop=hop,
         stop=stop,
+        names=[n for _, n in todo],
         **run_options,
     )
     finished = 0

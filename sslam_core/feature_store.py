@@ -16,7 +16,9 @@ HDF5 layout (N files written, M vectors):
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sslam_core.outputs import atomic_write, output_error, write_text
+from sslam_core.outputs import OutputError, atomic_write, output_error, write_text
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings.json"
@@ -146,6 +148,7 @@ class FeatureStore:
                         g += 1
         items.sort(key=lambda t: t[0])
         errors.sort()
+        self._check_space()
 
         def write(tmp: str) -> None:
             with h5py.File(tmp, "w") as h5:
@@ -154,6 +157,19 @@ class FeatureStore:
         atomic_write(self.out, write)
         shutil.rmtree(self.parts, ignore_errors=True)
         return len(items), [(p, e) for _, p, e in errors]
+
+    def _check_space(self) -> None:
+        """Refuse the merge up front when the output's file system cannot hold it (the journal's size
+        and a margin): HDF5 fails badly on a disk that fills up while it writes."""
+        need = sum(p.stat().st_size for p in self._part_files()) * 1.05 + (1 << 20)
+        stat = os.statvfs(self.out.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < need:
+            raise OutputError(
+                errno.ENOSPC,
+                f"{self.out}: cannot write (no space left on device: about {need / 1e6:.1f} MB needed, "
+                f"{free / 1e6:.1f} MB free)",
+            )
 
     def _write(self, h5: h5py.File, items: list, errors: list) -> None:
         for key, value in self.settings.items():

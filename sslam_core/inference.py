@@ -9,7 +9,7 @@ batch. Results come back per file, in input order, with per-file errors instead 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -199,10 +199,17 @@ def _window_stream(
 
 
 def cut_windows(
-    source: Source, file: int, window: int, hop: int, lazy: bool = False, block_seconds: float = 10.0
+    source: Source,
+    file: int,
+    window: int,
+    hop: int,
+    lazy: bool = False,
+    block_seconds: float = 10.0,
+    name: str | None = None,
 ) -> FileWindows:
-    """Cut `source` into windows: all at once (a list), or `lazy`ly while decoding (a generator)."""
-    out = FileWindows(source_name(source, file), [])
+    """Cut `source` into windows: all at once (a list), or `lazy`ly while decoding (a generator).
+    `name` is how messages refer to it (default: its path)."""
+    out = FileWindows(name or source_name(source, file), [])
     stream = _window_stream(source, file, window, hop, out, block_seconds)
     out.windows = stream if lazy else list(stream)
     return out
@@ -234,7 +241,7 @@ def _is_long(source: Source) -> bool:
 
 
 def _decoded(
-    sources: list[Source], window: int, hop: int, workers: int
+    sources: list[Source], names: list[str], window: int, hop: int, workers: int
 ) -> Iterator[tuple[int, FileWindows | FileResult]]:
     """Files in order, decoded up to 2 x `workers` files ahead by threads (long files are streamed
     lazily by the consumer instead). This is each file's error boundary: whatever goes wrong while
@@ -243,9 +250,9 @@ def _decoded(
 
     def job(i: int) -> FileWindows | FileResult:
         try:
-            return cut_windows(sources[i], i, window, hop, lazy=_is_long(sources[i]))
+            return cut_windows(sources[i], i, window, hop, lazy=_is_long(sources[i]), name=names[i])
         except Exception as e:  # the per-file error boundary (see the docstring)
-            return _error(source_name(sources[i], i), e)
+            return _error(names[i], e)
 
     if workers <= 1:
         for i in range(len(sources)):
@@ -290,10 +297,12 @@ def run_windows(
     precision: str = "fp32",
     normalization: str | tuple[float, float] = "audioset",
     stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Iterator[FileResult]:
     """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
     per-window outputs (B, ...). Yields one FileResult per source, in order. `batch_size` and
-    `workers` default to what suits the device (see `default_batching`). When `stop()` turns true
+    `workers` default to what suits the device (see `default_batching`); `names` are how results
+    and messages refer to the sources (default: their paths). When `stop()` turns true
     (a signal, see `interrupts`), the run ends before the next batch: the files finished so far have
     been yielded, the rest are not."""
     device = torch.device(device)
@@ -327,7 +336,8 @@ def run_windows(
             yield results.pop(next_out)
             next_out += 1
 
-    for i, item in _decoded(sources, target_length, hop, workers):
+    names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
+    for i, item in _decoded(sources, names, target_length, hop, workers):
         if stopping():
             return
         if isinstance(item, FileResult):

@@ -73,7 +73,9 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
     except OSError as e:
         raise output_error(path.parent, e, "cannot create the folder") from e
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise OutputError(errno.EACCES, f"{path}: cannot write (permission denied)")
+        read_only = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+        cause = "read-only file system" if read_only else "permission denied"
+        raise OutputError(errno.EROFS if read_only else errno.EACCES, f"{path}: cannot write ({cause})")
     return path
 
 
