@@ -14,22 +14,35 @@ class LabelError(ValueError):
     """A label file that cannot be read as class names."""
 
 
+NAME_COLUMNS = ("display_name", "name", "label")  # header names of the class-name column, by preference
+
+
 def _parse(text: str, source: str) -> list[tuple[str, str]]:
+    """Class names in head order, as (mid, name): a CSV whose header names a `display_name` (or `name`
+    / `label`) column, with optional `mid` and `index` columns (AudioSet's class_labels_indices.csv),
+    or else one name per line (a line is a whole name, commas included; a first line that is just
+    `display_name`, `name` or `label` is a header)."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise LabelError(f"{source}: no class names found")
     rows = [[cell.strip() for cell in row] for row in csv.reader(lines)]
     header = [cell.lower() for cell in rows[0]]
-    if not {"mid", "display_name"} <= set(header):
+    names = [c for c in NAME_COLUMNS if c in header]
+    if not names:
         return [(line.strip(), line.strip()) for line in lines]
-    mid, name = header.index("mid"), header.index("display_name")
+    if len(header) == 1:  # a one-column file with a header line: each further line is a whole name
+        return [(line.strip(), line.strip()) for line in lines[1:]]
+    name = header.index(names[0])
+    mid = header.index("mid") if "mid" in header else name
     body = rows[1:]
+    if not body:
+        raise LabelError(f"{source}: a header but no class names")
     try:
         if "index" in header:
             body = sorted(body, key=lambda r: int(r[header.index("index")]))
         return [(r[mid], r[name]) for r in body]
     except (ValueError, IndexError):
-        raise LabelError(f"{source}: rows must match the header 'index,mid,display_name'") from None
+        raise LabelError(f"{source}: rows must match the header {','.join(rows[0])!r}") from None
 
 
 @lru_cache(maxsize=1)

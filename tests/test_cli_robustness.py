@@ -417,3 +417,21 @@ def test_unwritable_output_folder_is_one_line(tmp_path):
         proc = sslam("extract", str(CLIP), "-c", PRETRAIN, "-o", str(ro / "sub" / "x.h5"), check=2)
         one_line_errors(proc.stderr)
         assert "read-only file system" in proc.stderr
+
+
+def test_label_files_with_and_without_a_header(tmp_path):
+    from sslam_core.labels import read_label_csv
+
+    one_column = tmp_path / "names.csv"
+    one_column.write_text("name\ndog\ncat, domestic\n")
+    assert read_label_csv(one_column) == [("dog", "dog"), ("cat, domestic", "cat, domestic")]
+    plain = tmp_path / "names.txt"
+    plain.write_text("dog\ncat, domestic\n")
+    assert read_label_csv(plain) == [("dog", "dog"), ("cat, domestic", "cat, domestic")]
+    two = tmp_path / "two.csv"
+    two.write_text("mid,display_name\n/m/b,B\n/m/a,A\n")
+    assert read_label_csv(two) == [("/m/b", "B"), ("/m/a", "A")]
+    names = tmp_path / "527.csv"
+    names.write_text("label\n" + "".join(f"class {i}\n" for i in range(527)))
+    proc = sslam("tag", str(CLIP), "-c", FINETUNED, "--labels", str(names), "-f", "json", "-k", "1")
+    assert json.loads(proc.stdout)["labels"][0]["label"].startswith("class ")
