@@ -3,7 +3,9 @@
 Every layout is read into one `Checkpoint`: a `ModelConfig` derived from the tensor shapes and
 fp32 weights under our module names, plus the EMA teacher, the pre-training decoder and the class
 names when the file has them. Our own format is a single `.safetensors` file whose header metadata
-key "sslam" holds the config, labels and normalisation as JSON.
+key "sslam" holds the config, labels, normalisation and `extra` (target_length, multilabel, ...) as
+JSON. Written fairseq containers and HF `config.json` files carry the same block under a "sslam" key,
+so that no layout loses them; files without it (official releases) get the defaults.
 """
 
 from __future__ import annotations

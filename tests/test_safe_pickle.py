@@ -21,8 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import sslam_core
 from sslam_core import safe_pickle
-from sslam_core.checkpoints import CheckpointError, fairseq_container, load_model, read_checkpoint
+from sslam_core.checkpoints import CheckpointError, fairseq_container, read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 DATA = Path(__file__).parent / "data"
@@ -63,7 +64,7 @@ def payloads(sentinel: Path) -> dict[str, tuple[Evil, str]]:
 
 def assert_refused(path: Path, name: str) -> None:
     with pytest.raises(CheckpointError) as info:
-        load_model(path)
+        sslam_core.load_model(path)
     assert str(info.value) == refusal(path, name)
 
 
