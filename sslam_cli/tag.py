@@ -225,11 +225,11 @@ def _plot_paths(plot: Path, n: int) -> list[Path]:
 
 
 def _plot(res, names, target: Path, top_k: int) -> None:
-    from sslam_core.outputs import OutputError, atomic_write
+    from sslam_core.outputs import OutputError
     from sslam_core.plots import plot_timeline
 
     try:
-        atomic_write(target, lambda tmp: plot_timeline(res, names, tmp, top_k=max(top_k, 1)))
+        plot_timeline(res, names, target, top_k=max(top_k, 1))
     except OutputError as e:
         fail(f"{e}; the files tagged so far are kept")
 
