@@ -153,11 +153,11 @@ def finetune(
             seed,
             read_split(out_dir) if resume else None,
         )
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world, main = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
         fitted = fit_batch_size(batch_size, len(train_set), world)
-        if fitted < batch_size:
+        if fitted < batch_size and main:
             note(f"note: --batch-size {batch_size} is more than {len(train_set)} clips allow; using {fitted}")
-            batch_size = fitted
+        batch_size = fitted
         config = FinetuneConfig(
             target_length=target_length,
             batch_size=batch_size,
@@ -192,7 +192,7 @@ def finetune(
     except (CheckpointError, DatasetError, FinetuneError, ValueError) as e:
         fail(str(e))
     kind = "multi-label" if task.multilabel else "multi-class"
-    if not quiet:
+    if main and not quiet:
         note(
             f"{'linear probe' if linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} "
             f"classes ({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; "
