@@ -52,7 +52,7 @@ def pretrain(run: Path, data: Path, stage: str, steps: int, args, init: Path | N
     cmd += ["--batch-size", str(args.batch_size), "--target-length", str(args.target_length)]
     cmd += ["--clone-batch", str(args.clone_batch), "--ema-decay", str(args.ema_decay)]
     cmd += ["--ema-end-decay", str(args.ema_end_decay), "--mask-prob", str(args.mask_prob)]
-    cmd += ["--device", "cpu", "--workers", "1", "-q"]
+    cmd += ["--device", "cpu", "--workers", "1", "-q", "--overwrite"]  # a stale run of other steps is redone
     cmd += ["--log-every", "25", "--save-every", str(max(steps, 1))]
     cmd += ["--init", str(init)] if init else ["--model", args.model]
     if stage == "eat":
@@ -69,7 +69,7 @@ def probe(
     out = work / f"probe_{run.name}_{data}_{pool}"
     sslam("finetune", "--data", str(train), "--checkpoint", str(run), "-o", str(out), "--linear",
           "--target-length", str(frames), "--device", "cpu", "--seed", str(seed),
-          "--precision", "fp32", "--pool", pool)  # fmt: skip
+          "--precision", "fp32", "--pool", pool, "--overwrite")  # fmt: skip
     text = sslam("eval", "--checkpoint", str(out), "--data", str(test), "--format", "json",
                  "--target-length", str(frames), "--device", "cpu")  # fmt: skip
     return json.loads(text)
