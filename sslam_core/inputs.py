@@ -66,5 +66,12 @@ def collect_inputs(inputs: list[str], audio_dir: str | None = None) -> Inputs:
             seen.add(key)
             files.append((path, name if relative else path))
     counts = Counter(n for _, n in files)
-    files = [(p, os.path.abspath(p) if counts[n] > 1 else n) for p, n in files]
+    files = [(p, printable(os.path.abspath(p) if counts[n] > 1 else n)) for p, n in files]
     return Inputs(files, problems)
+
+
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text: bytes of a file name that are not UTF-8 (held by Python as lone
+    surrogates) become `\\xNN` escapes, so that the name can be printed, written to JSON / CSV and
+    stored in HDF5; the file itself is still read by its real path."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

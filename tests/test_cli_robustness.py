@@ -435,3 +435,17 @@ def test_label_files_with_and_without_a_header(tmp_path):
     names.write_text("label\n" + "".join(f"class {i}\n" for i in range(527)))
     proc = sslam("tag", str(CLIP), "-c", FINETUNED, "--labels", str(names), "-f", "json", "-k", "1")
     assert json.loads(proc.stdout)["labels"][0]["label"].startswith("class ")
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """A name with a byte that is not UTF-8 is escaped in every output, and the file is still read."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(ROBIN, os.path.join(os.fsencode(folder), b"bad\xffname.ogg"))
+    proc = sslam(
+        "tag", str(folder), "-c", FINETUNED, "-f", "csv", "-k", "1", env={"PYTHONIOENCODING": "utf-8"}
+    )
+    assert proc.stdout.splitlines()[1].startswith("bad\\xffname.ogg,clip,")
+    sslam("extract", str(folder), "-c", PRETRAIN, "-o", str(tmp_path / "x.h5"))
+    with h5py.File(tmp_path / "x.h5") as f:
+        assert [p.decode() for p in f["paths"][:]] == ["bad\\xffname.ogg"]
