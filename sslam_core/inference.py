@@ -275,7 +275,6 @@ def _decoded(
 Head = Callable[[Tensor], dict[str, Tensor]]
 
 
-
 def default_batching(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
     """Windows per forward pass and decoding threads: on CPU, batches of 4 (the most clips/s of a
     ViT-B on 2 cores) and one decoding thread, so decoding does not steal the cores the model needs;
