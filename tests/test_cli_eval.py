@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fill
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
@@ -167,26 +168,11 @@ def test_write_failure_is_one_line_and_old_file_kept(saved, tmp_path, monkeypatc
 
 
 @pytest.fixture()
-def full_disk(tmp_path):
+def full_disk(tmpfs):
     """A 16 KiB tmpfs filled to the last byte (needs root; skipped otherwise)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        with open(mount / "filler", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 1024)
-                    f.flush()
-            except OSError:
-                pass
+    with tmpfs("16k", "tiny") as mount:
+        fill(mount)
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("flag, name", [("--per-class", "c.csv"), ("--predictions-out", "p.npz")])

@@ -3,7 +3,6 @@ names, missing optional decoders, bad arguments, existing outputs, full disks an
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -19,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import fill
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "checkpoints"
@@ -301,23 +301,10 @@ def _names(f: h5py.File) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def test_full_disk_keeps_the_journal_and_resume_finishes(tmp_path):
+def test_full_disk_keeps_the_journal_and_resume_finishes(tmp_path, tmpfs):
     clips = _folder_of_copies(tmp_path / "clips", 6)
     args = ["extract", str(clips), "-c", PRETRAIN, "-g", "all", "--flush-every", "1"]
-    with tmpfs(tmp_path / "disk", "1m") as disk:
+    with tmpfs("1m") as disk:
         out = disk / "feats.h5"
         proc = sslam(*args, "-o", str(out), check=2)
         one_line_errors(proc.stderr)
@@ -332,11 +319,11 @@ def test_full_disk_keeps_the_journal_and_resume_finishes(tmp_path):
         _same_h5(out, tmp_path / "whole.h5")
 
 
-def test_full_disk_while_tagging_keeps_the_finished_files(tmp_path):
+def test_full_disk_while_tagging_keeps_the_finished_files(tmp_path, tmpfs):
     clips = _folder_of_copies(tmp_path / "clips", 6)
     cmd = ["tag", str(clips), "-c", FINETUNED, "-f", "csv", "--timeline"]
-    with tmpfs(tmp_path / "disk", "256k") as disk:
-        filler = _fill(disk)
+    with tmpfs("256k") as disk:
+        filler = fill(disk)
         os.truncate(filler, filler.stat().st_size - 8192)  # two pages left: the journal starts, then fails
         proc = sslam(*cmd, "-o", str(disk / "tags.csv"), check=2)
         one_line_errors(proc.stderr)
@@ -344,16 +331,6 @@ def test_full_disk_while_tagging_keeps_the_finished_files(tmp_path):
         filler.unlink()
         sslam(*cmd, "-o", str(disk / "tags.csv"), "--resume")
         assert (disk / "tags.csv").read_text() == sslam(*cmd).stdout
-
-
-def _fill(disk: Path) -> Path:
-    """Fill a file system to the last page."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-    return filler
 
 
 @pytest.mark.parametrize("where", ["journal", "merge"])
@@ -407,9 +384,8 @@ def test_injected_enospc_then_resume(tmp_path, monkeypatch, where):
     _same_h5(tmp_path / "x.h5", tmp_path / "whole.h5")
 
 
-def test_unwritable_output_folder_is_one_line(tmp_path):
-    ro = tmp_path / "ro"
-    with tmpfs(ro, "1m"):
+def test_unwritable_output_folder_is_one_line(tmpfs):
+    with tmpfs("1m", "ro") as ro:
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
         proc = sslam("tag", str(CLIP), "-c", FINETUNED, "-o", str(ro / "t.csv"), "-f", "csv", check=2)
         one_line_errors(proc.stderr)

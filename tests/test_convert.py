@@ -139,22 +139,10 @@ def test_outputs_have_the_ordinary_file_mode(tmp_path):
 
 
 @pytest.fixture
-def full_disk(tmp_path):
+def full_disk(tmpfs):
     """A 64 KiB tmpfs (root only): too small for any checkpoint."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
-        )
-    except OSError:
-        pytest.skip("no mount command")
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs("64k", "full") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("layout", ["sslam", "fairseq", "hf"])
