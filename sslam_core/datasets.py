@@ -172,7 +172,7 @@ def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -
     if records and not examples:
         raise DatasetError(
             f"{spec}: none of the {len(records)} listed clips has audio under {parsed.root}"
-            f" (e.g. {missing[0]}); pass audio_dir"
+            f" (e.g. {missing[0]}); pass --audio-dir"
         )
     return LabelledSet(examples, class_list, multilabel, missing, parsed.naming, parsed.root)
 

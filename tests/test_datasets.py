@@ -107,7 +107,7 @@ def test_fairseq_manifest_with_audio_dir_override(tmp_path):
 
 
 def test_fairseq_manifest_missing_root_says_pass_audio_dir():
-    with pytest.raises(DatasetError, match=r"train\.tsv: none of the 5 listed clips .* pass audio_dir"):
+    with pytest.raises(DatasetError, match=r"train\.tsv: none of the 5 listed clips .* pass --audio-dir"):
         read_labelled(SPASS / "train.tsv")
 
 
