@@ -73,6 +73,21 @@ def pretrain(
     srl_weight: Annotated[
         float | None, Opt("--srl-weight", help="Source Retention loss weight (sslam) [2].")
     ] = None,
+    mix: Annotated[
+        str | None,
+        Opt("--mix", help="Stage-2 mixtures: partial (release) or none (clean batch only) [partial]."),
+    ] = None,
+    mix_partner: Annotated[
+        str | None,
+        Opt("--mix-partner", help="Mixing partner: roll (clip i-1, release) or random (derangement) [roll]."),
+    ] = None,
+    utterance_target: Annotated[
+        str | None,
+        Opt(
+            "--utterance-target",
+            help="CLS target: average (top-K blocks) or last (block) [eat average, sslam last].",
+        ),
+    ] = None,
     grad_accum: Annotated[int | None, Opt("--grad-accum", help="Micro-batches per update [1].")] = None,
     precision: Annotated[str | None, Opt("--precision", help="auto, fp32, bf16, fp16 [auto].")] = None,
     device: Annotated[str | None, Opt("--device", help="auto, cpu, cuda [auto].")] = None,
@@ -127,7 +142,7 @@ def pretrain(
         clone_batch=clone_batch, window=window, num_windows=num_windows, ema_decay=ema_decay,
         ema_end_decay=ema_end_decay, ema_anneal_end_step=ema_anneal_end_step, mask_prob=mask_prob,
         mask_length=mask_length, average_top_k=average_top_k, cls_weight=cls_weight, srl_weight=srl_weight,
-        grad_accum=grad_accum,
+        mix=mix, mix_partner=mix_partner, utterance_target=utterance_target, grad_accum=grad_accum,
         precision=precision, device=device, workers=workers, norm=parsed_norm or norm,
         save_every=save_every, log_every=log_every, keep_last=keep_last, tensorboard=tensorboard,
     )  # fmt: skip

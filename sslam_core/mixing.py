@@ -2,6 +2,8 @@
 
 The mixture is the element-wise max of the two normalised log-mel spectrograms (spec §4, stage 2).
 Window starts are multiples of the patch size so that every window covers whole rows of patches.
+Partners: the release mixes clip i with clip i-1 of the device batch (`roll_partners`); the ablation
+`--mix-partner random` draws a random derangement instead (`random_partners`).
 """
 
 from __future__ import annotations
@@ -58,9 +60,27 @@ def window_frames(frames: int, starts: list[int], window: int) -> Tensor:
     return inside
 
 
-def partial_mix(source: Tensor, starts: list[int], window: int = 240) -> Tensor:
-    """Mix clip i with clip i-1 (cyclic): element-wise max outside the windows, clip i alone inside."""
-    partner = torch.roll(source, 1, dims=0)
+def roll_partners(batch: int) -> Tensor:
+    """The release's pairing: clip i is mixed with clip i-1 of the batch (cyclic), i.e. roll by one."""
+    return torch.roll(torch.arange(batch), 1)
+
+
+def random_partners(batch: int, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random derangement of the batch (no clip is its own partner), drawn by rejection."""
+    if batch < 2:
+        raise ValueError(f"mixing needs at least 2 clips in a batch, got {batch}")
+    while True:
+        perm = torch.randperm(batch, generator=generator)
+        if not bool((perm == torch.arange(batch)).any()):
+            return perm
+
+
+def partial_mix(
+    source: Tensor, starts: list[int], window: int = 240, partners: Tensor | None = None
+) -> Tensor:
+    """Mix clip i with clip partners[i] (default i-1, cyclic): element-wise max outside the windows,
+    clip i alone inside."""
+    partner = torch.roll(source, 1, dims=0) if partners is None else source[partners.to(source.device)]
     inside = window_frames(source.shape[2], starts, window).to(source.device)[None, None, :, None]
     return torch.where(inside, source, torch.maximum(source, partner))
 
@@ -73,4 +93,12 @@ def mix_batch(
     return partial_mix(source, starts, window), starts
 
 
-__all__ = ["window_candidates", "choose_windows", "window_frames", "partial_mix", "mix_batch"]
+__all__ = [
+    "window_candidates",
+    "choose_windows",
+    "window_frames",
+    "roll_partners",
+    "random_partners",
+    "partial_mix",
+    "mix_batch",
+]

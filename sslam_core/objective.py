@@ -5,6 +5,11 @@ targets (instance-normed MLP outputs of its blocks, averaged, layer-normed); the
 visible islands per clone, and a small convolutional decoder predicts the targets of the masked
 patches. The student's CLS output regresses the mean patch target. SSLAM adds partially mixed
 clips and the Source Retention Loss, whose target keeps each clip's own content audible.
+
+Ablations of stage 2 (defaults = the release): `mix="none"` trains on the clean batch only (the "same
+training without mixtures" control), `utterance_target` picks the CLS target (the last teacher block, as
+the release's stage 2, or the top-K average of stage 1), `mix_partner="random"` pairs clips by a random
+derangement instead of clip i with clip i-1, `srl_weight=0` drops the Source Retention term.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import block_mask, visible_indices
-from .mixing import choose_windows, partial_mix, window_frames
+from .mixing import choose_windows, partial_mix, random_partners, roll_partners, window_frames
 from .model import Encoder, ModelConfig
 
 STAGES = ("eat", "sslam")
+MIX_MODES = ("partial", "none")
+MIX_PARTNERS = ("roll", "random")
+UTTERANCE_TARGETS = ("average", "last")
 
 
 @dataclass
@@ -45,10 +53,22 @@ class ObjectiveConfig:
     ema_anneal_end_step: int = 100_000
     decoder_layers: int = 6
     decoder_groups: int = 16
+    mix: str = "partial"  # SSLAM: "partial" = the release's mixtures, "none" = the clean batch only
+    mix_partner: str = "roll"  # SSLAM: "roll" = clip i with clip i-1, "random" = a random derangement
+    utterance_target: str | None = None  # CLS target: "average" (top-K) or "last" block; None = stage's
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown pre-training stage {self.stage!r}; choose from {', '.join(STAGES)}")
+        for name, value, allowed in (
+            ("stage", self.stage, STAGES),
+            ("mix", self.mix, MIX_MODES),
+            ("mix_partner", self.mix_partner, MIX_PARTNERS),
+            ("utterance_target", self.utterance_target, (None, *UTTERANCE_TARGETS)),
+        ):
+            if value not in allowed:
+                choices = ", ".join(a for a in allowed if a is not None)
+                raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+        if self.utterance_target is None:
+            self.utterance_target = "average" if self.stage == "eat" else "last"
         if self.clone_batch is None:
             self.clone_batch = 16 if self.stage == "eat" else 8
         if self.clone_batch < 1:
@@ -110,12 +130,21 @@ def row_tokens(time_rows: Tensor, freq_patches: int) -> Tensor:
 
 
 def source_retention_target(
-    own: Tensor, partner_dropped: Tensor, outside_rows: Tensor, freq_patches: int
+    own: Tensor,
+    partner_dropped: Tensor,
+    outside_rows: Tensor,
+    freq_patches: int,
+    partners: Tensor | None = None,
 ) -> Tensor:
     """SRL target per mixed clip: (Y(clip i) + R_i) / 2, R_i = Y(clip i) inside the clean windows and
-    clip i-1's dropped-pass target (time rows outside the windows, in order) elsewhere."""
+    its partner's (clip i-1 unless `partners` says) dropped-pass target (rows outside them) elsewhere."""
+    partner = (
+        torch.roll(partner_dropped, 1, dims=0)
+        if partners is None
+        else partner_dropped[partners.to(partner_dropped.device)]
+    )
     retained = own.clone()
-    retained[:, row_tokens(outside_rows, freq_patches)] = torch.roll(partner_dropped, 1, dims=0).to(own.dtype)
+    retained[:, row_tokens(outside_rows, freq_patches)] = partner.to(own.dtype)
     return (own + retained) / 2
 
 
@@ -184,23 +213,39 @@ class PretrainingModel(nn.Module):
         c = self.cfg
         return block_mask(batch * c.clone_batch, grid, c.mask_prob, c.mask_length, c.mask_adjust, generator)
 
+    @property
+    def mixes(self) -> bool:
+        """Whether a step mixes (stage 2 with `mix="partial"`): a mixed half, the SRL term."""
+        return self.cfg.stage == "sslam" and self.cfg.mix == "partial"
+
+    def partners(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """Mixing partner of each clip: clip i-1 (the release) or a random derangement."""
+        return roll_partners(batch) if self.cfg.mix_partner == "roll" else random_partners(batch, generator)
+
     @torch.no_grad()
     def targets(
-        self, source: Tensor, mixed: Tensor | None = None, windows: list[int] | None = None
+        self,
+        source: Tensor,
+        mixed: Tensor | None = None,
+        windows: list[int] | None = None,
+        partners: Tensor | None = None,
     ) -> Targets:
-        """Teacher targets: per-patch (top-K average) and CLS (EAT: same average; SSLAM: last layer only)."""
+        """Teacher targets: per-patch (top-K average) and CLS (the mean patch of the top-K average, or of
+        the last block alone: `utterance_target`); with mixing, the SRL target too."""
         teacher_in = source if mixed is None else torch.cat([source, mixed])
         _, ffn = self.teacher.contextualize(self.teacher.patchify(teacher_in.float()), collect="ffn")
         ffn = [y[:, 1:] for y in ffn]
         patch = regression_targets(ffn, self.cfg.average_top_k)
-        if self.cfg.stage == "eat":
-            return Targets(patch=patch, cls=patch.mean(dim=1))
-        cls = regression_targets(ffn[-1:], 1).mean(dim=1)
+        last = self.cfg.utterance_target == "last"
+        cls = (regression_targets(ffn[-1:], 1) if last else patch).mean(dim=1)
+        if not self.mixes:
+            return Targets(patch=patch, cls=cls)
         if mixed is None or windows is None:
             raise ValueError("the SSLAM objective needs the mixed batch and its clean windows")
         outside_rows = self.outside_rows(source.shape[2], windows)
         partner = self.dropped_targets(source, outside_rows)
-        srl = source_retention_target(patch[: source.shape[0]], partner, outside_rows, self.freq_patches)
+        own = patch[: source.shape[0]]
+        srl = source_retention_target(own, partner, outside_rows, self.freq_patches, partners)
         return Targets(patch=patch, cls=cls, srl=srl, partner_dropped=partner)
 
     def outside_rows(self, frames: int, windows: list[int]) -> Tensor:
@@ -243,12 +288,14 @@ class PretrainingModel(nn.Module):
         generator: torch.Generator | None = None,
         masks: Tensor | None = None,
         windows: list[int] | None = None,
+        partners: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms of one step on a (B, 1, T, mel) batch of normalised log-mel clips.
 
         masks: (B * clone_batch, N) bool/uint8, True = masked (drawn when None); windows: SSLAM clean
-        window starts in frames (drawn when None). Returns sums `patch_loss`, `cls_loss` (and
-        `srl_loss`), their per-row values (`*_rows`), `sample_size` and `loss` = total / sample_size.
+        window starts in frames, partners: (B,) mixing partner of each clip (both drawn when None).
+        Returns sums `patch_loss`, `cls_loss` (and `srl_loss` when mixing), their per-row values
+        (`*_rows`), `sample_size` and `loss` = total / sample_size.
         """
         c = self.cfg
         B, _, T, _ = source.shape
@@ -256,14 +303,16 @@ class PretrainingModel(nn.Module):
             masks = self.make_masks(B, T, generator)
         masks = masks.to(device=source.device, dtype=torch.bool)
         mixed = None
-        if c.stage == "sslam":
-            if windows is None:
-                windows = choose_windows(T, c.window, c.num_windows, generator)
-            mixed = partial_mix(source, windows, c.window)
+        if c.stage == "sslam" and windows is None:  # drawn with mix="none" too: the same random stream
+            windows = choose_windows(T, c.window, c.num_windows, generator)
+        if self.mixes:
+            if partners is None:
+                partners = self.partners(B, generator)
+            mixed = partial_mix(source, windows, c.window, partners)
             student_in, masks = torch.cat([source, mixed]), torch.cat([masks, masks])
         else:
             student_in = source
-        targets = self.targets(source, mixed, windows)
+        targets = self.targets(source, mixed, windows, partners)
         cls, pred = self.predict(student_in, masks, generator)
 
         scale = 1 / math.sqrt(pred.shape[-1])
@@ -279,7 +328,7 @@ class PretrainingModel(nn.Module):
         cls_err = (cls.float() - targets.cls[rows]).pow(2).sum(dim=-1) * scale
         out["cls_loss_rows"] = c.cls_loss * sample_size * cls_err
         total = out["patch_loss_rows"].sum() + out["cls_loss_rows"].sum()
-        if c.stage == "sslam":
+        if targets.srl is not None:
             half = pred.shape[0] // 2
             srl = patch_rows(pred[half:], targets.srl[rows[:half]], masks[half:])
             out["srl_loss_rows"] = c.srl_weight * srl

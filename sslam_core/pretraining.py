@@ -20,7 +20,14 @@ import torch
 
 from sslam_core import distributed
 from sslam_core.model import ModelConfig, preset
-from sslam_core.objective import STAGES, ObjectiveConfig, PretrainingModel
+from sslam_core.objective import (
+    MIX_MODES,
+    MIX_PARTNERS,
+    STAGES,
+    UTTERANCE_TARGETS,
+    ObjectiveConfig,
+    PretrainingModel,
+)
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "eat": dict(lr=5e-4, warmup=53_000, steps=400_000, clone_batch=16),
@@ -64,6 +71,9 @@ class PretrainSettings:
     average_top_k: int = 12
     cls_weight: float = 1.0
     srl_weight: float = 2.0
+    mix: str = "partial"  # stage-2 ablation: "none" = the clean batch only
+    mix_partner: str = "roll"  # stage-2 ablation: "random" = a random derangement of the batch
+    utterance_target: str | None = None  # None = the stage's: eat "average", sslam "last"
     grad_accum: int = 1
     precision: str = "auto"  # bf16 on CUDA, fp32 on CPU
     device: str = "auto"
@@ -169,7 +179,17 @@ def resolve_settings(*layers: dict) -> PretrainSettings:
         raise PretrainConfigError("--mask-length and --average-top-k must be at least 1")
     if s.cls_weight < 0 or s.srl_weight < 0:
         raise PretrainConfigError("--cls-weight and --srl-weight must be >= 0")
-    if s.stage == "sslam" and s.batch_size < 2:
+    for flag, value, allowed in (
+        ("--mix", s.mix, MIX_MODES),
+        ("--mix-partner", s.mix_partner, MIX_PARTNERS),
+        ("--utterance-target", s.utterance_target, (None, *UTTERANCE_TARGETS)),
+    ):
+        if value not in allowed:
+            choices = ", ".join(a for a in allowed if a is not None)
+            raise PretrainConfigError(f"{flag} {value!r}: choose from {choices}")
+    if s.utterance_target is None:
+        s.utterance_target = "average" if s.stage == "eat" else "last"
+    if s.stage == "sslam" and s.mix == "partial" and s.batch_size < 2:
         raise PretrainConfigError("--stage sslam mixes each clip with its batch neighbour: --batch-size >= 2")
     return s
 
@@ -189,6 +209,9 @@ def objective_config(s: PretrainSettings) -> ObjectiveConfig:
         average_top_k=s.average_top_k,
         cls_loss=s.cls_weight,
         srl_weight=s.srl_weight,
+        mix=s.mix,
+        mix_partner=s.mix_partner,
+        utterance_target=s.utterance_target,
     )
 
 
@@ -260,8 +283,9 @@ def build_model(s: PretrainSettings, model_config: dict | None = None) -> Pretra
 class PretrainTask:
     """The trainer's task for pre-training: objective on on-device fbank batches, EMA after each update.
 
-    Masks and clean windows are drawn with the trainer's CPU generator; the decoder's mask noise uses a
-    generator on the batch's device seeded from it, so a resumed run is exact on any device.
+    Masks, clean windows (stage 2, with or without mixing, so that `--mix none` sees the same masks) and
+    mixing partners are drawn with the trainer's CPU generator; the decoder's mask noise uses a generator
+    on the batch's device seeded from it, so a resumed run is exact on any device.
     """
 
     def __init__(self, model: PretrainingModel, batches: Any, settings: PretrainSettings | None = None):
@@ -275,16 +299,18 @@ class PretrainTask:
         cfg = model.cfg
         B, _, T, _ = source.shape
         masks = model.make_masks(B, T, generator)
-        windows = None
+        windows = partners = None
         if cfg.stage == "sslam":
             from sslam_core.mixing import choose_windows
 
             windows = choose_windows(T, cfg.window, cfg.num_windows, generator)
+            if model.mixes:
+                partners = model.partners(B, generator)
         seed = int(torch.randint(2**62, (1,), generator=generator))
         if self._noise is None or self._noise.device != source.device:
             self._noise = torch.Generator(source.device)
         self._noise.manual_seed(seed)
-        out = model(source, self._noise, masks=masks, windows=windows)
+        out = model(source, self._noise, masks=masks, windows=windows, partners=partners)
         size = out["sample_size"].float()
         terms = {"loss": out["loss"], "patch": out["patch_loss"].detach() / size}
         terms["cls"] = out["cls_loss"].detach() / size
@@ -352,7 +378,7 @@ def build_task(s: PretrainSettings, device: torch.device, model_config: dict | N
     batch_size = fit_batch_size(s.batch_size, len(dataset), distributed.get_world_size()) if s.steps else 0
     if 0 < batch_size < s.batch_size:  # (--steps 0 makes no batches)
         note(f"note: --batch-size {s.batch_size} is more than {len(dataset)} clips allow; using {batch_size}")
-        if s.stage == "sslam" and batch_size < 2:
+        if s.stage == "sslam" and s.mix == "partial" and batch_size < 2:
             raise PretrainConfigError(
                 "--stage sslam mixes each clip with its batch neighbour: need 2 clips a rank"
             )
