@@ -445,6 +445,12 @@ def read_checkpoint(
 ) -> Checkpoint:
     """Read any supported checkpoint; `teacher=True` returns the EMA teacher as the model weights."""
     path = resolve(path_or_id, cache_dir)
+    if path.suffix.lower() == ".onnx" and path.is_file():  # an `sslam export` file: metadata, no weights
+        from sslam_core.onnx_backend import read_onnx
+
+        ckpt = read_onnx(path, teacher)
+        ckpt.source, ckpt.sha256 = str(path.resolve()), _sha256(path)
+        return ckpt
     read, weights_file = _reader(path)
     ckpt = read(weights_file)
     ckpt.source = str(path.resolve())
@@ -453,7 +459,12 @@ def read_checkpoint(
 
 
 def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the Encoder/Classifier for a checkpoint, load its weights and put it in eval mode."""
+    """Build the Encoder/Classifier for a checkpoint, load its weights and put it in eval mode (for an
+    ONNX export, its ONNX Runtime model: `onnx_backend.onnx_model`)."""
+    if ckpt.layout == "onnx":
+        from sslam_core.onnx_backend import onnx_model
+
+        return onnx_model(ckpt, device)
     _check_state(ckpt.config, ckpt.state, "model", ckpt.source)
     with torch.device("meta"):
         model = build_model(ckpt.config)
@@ -693,6 +704,8 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, layout: str) -> 
     Each file is written through a rename; an OSError (full disk, ...) is an `outputs.OutputError`.
     """
     path = Path(path)
+    if ckpt.layout == "onnx":
+        raise CheckpointError(f"{ckpt.source}: an ONNX export holds a graph, not weights; convert its source")
     if layout == "sslam":
         save_checkpoint(
             path,
