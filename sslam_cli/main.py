@@ -10,7 +10,7 @@ import shutil
 
 import typer
 
-from sslam_cli import convert, evaluate, extract, finetune, pack, plot, pretrain, stats, tag
+from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag
 
 PIPED_HELP_WIDTH = 100
 
@@ -57,6 +57,7 @@ def _setup(
 app.command("tag")(tag.tag)
 app.command("extract")(extract.extract)
 app.command("convert")(convert.convert)
+app.command("export")(export.export)
 app.command("pretrain")(pretrain.pretrain)
 app.command("finetune")(finetune.finetune)
 app.command("eval")(evaluate.evaluate)
