@@ -63,8 +63,8 @@ def resolve_window(
     """(window, hop) in frames: `target_length` frames, else `window` seconds, else the length the
     model was trained with, else 1024; the hop defaults to the window."""
     for name, value in (("--window", window), ("--hop", hop)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} {value}: expected a positive number of seconds")
+        if value is not None and not (math.isfinite(value) and value >= PATCH_FRAMES / 100):
+            raise ValueError(f"{name} {value}: expected at least {PATCH_FRAMES / 100} s (one time patch)")
     if target_length is not None and (target_length <= 0 or target_length % PATCH_FRAMES):
         raise ValueError(f"--target-length {target_length}: expected a positive multiple of {PATCH_FRAMES}")
     frames = target_length or (seconds_to_frames(window) if window else None)
