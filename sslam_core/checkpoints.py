@@ -458,9 +458,16 @@ def read_checkpoint(
     return _finish(ckpt, teacher)
 
 
-def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
+def model_from_checkpoint(
+    ckpt: Checkpoint, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> nn.Module:
     """Build the Encoder/Classifier for a checkpoint, load its weights and put it in eval mode (for an
-    ONNX export, its ONNX Runtime model: `onnx_backend.onnx_model`)."""
+    ONNX export, its ONNX Runtime model: `onnx_backend.onnx_model`). `precision="int8"`: the ONNX
+    Runtime int8 model, quantised on first use and cached (`onnx_export.int8_model`)."""
+    if precision == "int8":
+        from sslam_core.onnx_export import int8_model
+
+        return int8_model(ckpt, device)
     if ckpt.layout == "onnx":
         from sslam_core.onnx_backend import onnx_model
 
@@ -480,12 +487,16 @@ def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") 
 
 
 def load_model(
-    path_or_id: str | os.PathLike, device: str | torch.device = "cpu", teacher: bool = False
+    path_or_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    teacher: bool = False,
+    precision: str = "fp32",
 ) -> nn.Module:
     """An eval-mode Encoder (pre-trained) or Classifier (fine-tuned) with `.labels`, `.normalization`,
     `.multilabel`, `.target_length` (the input length it was trained with, if recorded) and
-    `.checkpoint_info` (source, sha256, layout)."""
-    return model_from_checkpoint(read_checkpoint(path_or_id, teacher=teacher), device)
+    `.checkpoint_info` (source, sha256, layout). An `.onnx` export, or `precision="int8"`, gives the
+    ONNX Runtime model with the same interface."""
+    return model_from_checkpoint(read_checkpoint(path_or_id, teacher=teacher), device, precision)
 
 
 _OS_ERROR = re.compile(r"os error (\d+)")
