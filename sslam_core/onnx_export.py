@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sslam_core.checkpoints import Checkpoint, _metadata, model_from_checkpoint
+from sslam_core.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    _metadata,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from sslam_core.model import Classifier
 from sslam_core.onnx_backend import INPUT, open_session, require, run_session
 from sslam_core.outputs import atomic_write
@@ -115,7 +121,7 @@ def _to_onnx(graph: _Graph, example: Tensor, outputs: list[str]) -> object:
     return program.model_proto
 
 
-def _quantize(proto: object) -> object:
+def quantize_int8(proto: object) -> object:
     """ONNX Runtime dynamic quantisation: int8 MatMul weights, activations quantised per batch."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -179,7 +185,7 @@ def export_checkpoint(
         )
     result = Export(b"", kind, depth, frames, "int8" if int8 else "fp32", max_diff)
     if int8:
-        proto = _quantize(proto)
+        proto = quantize_int8(proto)
         quant = run_session(open_session(proto.SerializeToString()), example)
         result.max_diff = {n: (quant[n] - expected[n]).abs().max().item() for n in outputs}
         result.cosine = {"cls": _cosine(quant["features"][:, 0], fp32["features"][:, 0])}
@@ -190,4 +196,59 @@ def export_checkpoint(
     return result
 
 
-__all__ = ["EXPORT_MODULES", "FP32_TOLERANCE", "Export", "ExportError", "export_checkpoint"]
+def cache_dir() -> Path:
+    """Where int8 models of torch checkpoints are kept: `$SSLAM_CACHE`, else `$XDG_CACHE_HOME/sslam`,
+    else `~/.cache/sslam`."""
+    root = os.environ.get("SSLAM_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "sslam"
+
+
+def int8_path(ckpt: Checkpoint) -> Path:
+    """The cache file of `ckpt`'s int8 model: keyed by the checkpoint file's sha256 and the weights
+    used (the model or the EMA teacher)."""
+    weights = "-teacher" if ckpt.extra.get("weights") == "ema_teacher" else ""
+    return cache_dir() / "int8" / f"{ckpt.sha256}{weights}-v{OPSET}.onnx"
+
+
+def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
+    """The int8 ONNX model of a torch checkpoint (last block, default window), quantised on first use
+    and cached (`int8_path`); returns (path, whether it was made now). A checkpoint that is already
+    an ONNX export is returned as it is when it is int8."""
+    if ckpt.layout == "onnx":
+        if ckpt.extra["onnx"]["precision"] != "int8":
+            raise ExportError(f"{ckpt.source}: an fp32 ONNX export; export it with --int8 for int8")
+        return Path(ckpt.source), False
+    if not ckpt.sha256:
+        raise ExportError(f"{ckpt.source}: no file hash to cache its int8 model under")
+    path = int8_path(ckpt)
+    if path.is_file():
+        return path, False
+    export_checkpoint(ckpt, int8=True).write(path)
+    return path, True
+
+
+def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
+    """`int8_checkpoint`'s model, loaded; any failure is a one-line CheckpointError."""
+    from sslam_core.onnx_backend import OnnxUnavailable
+
+    try:
+        path, _ = int8_checkpoint(ckpt)
+    except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
+        raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
+    return model_from_checkpoint(read_checkpoint(path), device)
+
+
+__all__ = [
+    "EXPORT_MODULES",
+    "FP32_TOLERANCE",
+    "Export",
+    "ExportError",
+    "cache_dir",
+    "export_checkpoint",
+    "int8_checkpoint",
+    "int8_model",
+    "int8_path",
+    "quantize_int8",
+]

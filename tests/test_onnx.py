@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from sslam_cli.main import app  # noqa: E402
-from sslam_core.checkpoints import load_model, read_checkpoint, save_checkpoint  # noqa: E402
+from sslam_core.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint  # noqa: E402
 from sslam_core.model import Classifier, ModelConfig, build_model  # noqa: E402
 from sslam_core.onnx_backend import OnnxEncoder, read_metadata  # noqa: E402
 from sslam_core.onnx_export import export_checkpoint  # noqa: E402
@@ -201,3 +201,29 @@ def test_without_the_extra_one_line(exported, tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "install sslam[onnx]" in lines[0] and "onnxruntime" in lines[0]
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
+    from sslam_core import onnx_export
+
+    monkeypatch.setenv("SSLAM_CACHE", str(tmp_path / "cache"))
+    model = load_model(FINETUNED, precision="int8")
+    assert isinstance(model, Classifier) and model.precision == "int8"
+    cached = onnx_export.int8_path(read_checkpoint(FINETUNED))
+    assert cached.is_file() and cached.parent == tmp_path / "cache" / "int8"
+    assert model.checkpoint_info["source"] == str(cached)
+    assert model.checkpoint_info["exported_from_sha256"] in cached.name
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached int8 model should be reused")
+
+    monkeypatch.setattr(onnx_export, "export_checkpoint", no_export)
+    again = load_model(FINETUNED, precision="int8")
+    x = torch.randn(2, 1, 256, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got, want = again(x), load_model(FINETUNED)(x)
+    assert torch.nn.functional.cosine_similarity(got, want).min().item() >= 0.99
+    fp32_export = tmp_path / "fp32.onnx"
+    export_checkpoint(read_checkpoint(FINETUNED)).write(fp32_export)
+    with pytest.raises(CheckpointError, match="export it with --int8"):
+        load_model(fp32_export, precision="int8")
