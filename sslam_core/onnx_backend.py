@@ -109,6 +109,9 @@ class OnnxModel(nn.Module):
 
     def __init__(self, ckpt: Checkpoint, session: Any):
         nn.Module.__init__(self)  # not the torch model's __init__: the weights live in the graph
+        # an empty parameter that follows `.to(device)`, for callers that find the model's device
+        # with `next(model.parameters()).device` (the HEAR module)
+        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         onnx_meta = ckpt.extra["onnx"]
         self.cfg = ckpt.config
         self.session = session

@@ -227,3 +227,22 @@ def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
     export_checkpoint(read_checkpoint(FINETUNED)).write(fp32_export)
     with pytest.raises(CheckpointError, match="export it with --int8"):
         load_model(fp32_export, precision="int8")
+
+
+def test_hear_api_and_threads(exported):
+    from sslam_core import hear
+
+    audio = torch.randn(2, 16000 * 3, generator=torch.Generator().manual_seed(3)) * 0.1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        onnx_model = hear.load_model(str(exported["pretrain"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert onnx_model.session.get_session_options().intra_op_num_threads == 1
+    torch_model = hear.load_model(str(PRETRAIN))
+    scene = [hear.get_scene_embeddings(audio, m) for m in (onnx_model, torch_model)]
+    stamps = [hear.get_timestamp_embeddings(audio, m) for m in (onnx_model, torch_model)]
+    assert (scene[0] - scene[1]).abs().max().item() <= TOLERANCE
+    assert (stamps[0][0] - stamps[1][0]).abs().max().item() <= TOLERANCE
+    assert torch.equal(stamps[0][1], stamps[1][1])
