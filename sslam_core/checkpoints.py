@@ -441,11 +441,21 @@ def _reader(path: Path) -> tuple[Callable[[Path], Checkpoint], Path]:
 
 
 def read_checkpoint(
-    path_or_id: str | os.PathLike, teacher: bool = False, cache_dir: str | Path | None = None
+    path_or_id: str | os.PathLike,
+    teacher: bool = False,
+    cache_dir: str | Path | None = None,
+    allow_onnx: bool = False,
 ) -> Checkpoint:
-    """Read any supported checkpoint; `teacher=True` returns the EMA teacher as the model weights."""
+    """Read any supported checkpoint; `teacher=True` returns the EMA teacher as the model weights.
+    `allow_onnx`: also an `sslam export` file, as a weightless Checkpoint of layout "onnx" (only
+    `model_from_checkpoint` can use it; without the flag it is refused)."""
     path = resolve(path_or_id, cache_dir)
-    if path.suffix.lower() == ".onnx" and path.is_file():  # an `sslam export` file: metadata, no weights
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        if not allow_onnx:
+            raise CheckpointError(
+                f"{path}: an ONNX export holds no torch weights (it runs in tag, extract and eval); "
+                "use the checkpoint it was exported from"
+            )
         from sslam_core.onnx_backend import read_onnx
 
         ckpt = read_onnx(path, teacher)
@@ -496,7 +506,7 @@ def load_model(
     `.multilabel`, `.target_length` (the input length it was trained with, if recorded) and
     `.checkpoint_info` (source, sha256, layout). An `.onnx` export, or `precision="int8"`, gives the
     ONNX Runtime model with the same interface."""
-    return model_from_checkpoint(read_checkpoint(path_or_id, teacher=teacher), device, precision)
+    return model_from_checkpoint(read_checkpoint(path_or_id, teacher, allow_onnx=True), device, precision)
 
 
 _OS_ERROR = re.compile(r"os error (\d+)")

@@ -237,7 +237,7 @@ def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Modul
         path, _ = int8_checkpoint(ckpt)
     except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
         raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
-    return model_from_checkpoint(read_checkpoint(path), device)
+    return model_from_checkpoint(read_checkpoint(path, allow_onnx=True), device)
 
 
 __all__ = [

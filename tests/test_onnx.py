@@ -113,8 +113,13 @@ def test_export_command_checks_and_refuses(tmp_path):
         sslam("export", PRETRAIN, tmp_path / "y.onnx", "--layer", "5", code=2)
     )
     assert not (tmp_path / "y.onnx").exists()
-    assert "already an ONNX export" in error_line(sslam("export", out, tmp_path / "z.onnx", code=2))
-    assert "not weights" in error_line(sslam("convert", out, tmp_path / "z.pt", code=2))
+    for command in (
+        ("export", out, tmp_path / "z.onnx"),
+        ("convert", out, tmp_path / "z.pt"),
+        ("finetune", "--data", DIGITS.parent, "--checkpoint", out, "-o", tmp_path / "ft", "--steps", "1"),
+        ("pretrain", DIGITS, "-o", tmp_path / "pt", "--init", out, "--steps", "1"),
+    ):
+        assert "an ONNX export holds no torch weights" in error_line(sslam(*command, code=2)), command
 
 
 def test_int8_export_is_close_and_runs(exported, tmp_path):
