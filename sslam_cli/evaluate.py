@@ -255,7 +255,7 @@ def _predict(
     dev = pick_device(run["device"])
     check_precision(run["precision"], dev)
     try:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = read_checkpoint(checkpoint, allow_onnx=True)
         model = model_from_checkpoint(ckpt, dev)
     except CheckpointError as e:
         fail(str(e))
