@@ -251,3 +251,10 @@ def test_hear_api_and_threads(exported):
     assert (scene[0] - scene[1]).abs().max().item() <= TOLERANCE
     assert (stamps[0][0] - stamps[1][0]).abs().max().item() <= TOLERANCE
     assert torch.equal(stamps[0][1], stamps[1][1])
+
+
+def test_full_disk_is_one_line(tmpfs):
+    with tmpfs("256k", "full") as disk:
+        result = sslam("export", PRETRAIN, disk / "enc.onnx", code=2)
+        assert "no space left on device" in error_line(result) and "enc.onnx" in error_line(result)
+        assert not list(disk.iterdir())
