@@ -150,12 +150,13 @@ def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:
         fail(f"{flag} {text!r}: expected fold numbers such as 5 or 1,2,3,4")
 
 
-def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False):
-    """Load a checkpoint; any problem becomes one line and exit status 2."""
+def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False, precision: str = "fp32"):
+    """Load a checkpoint (an `.onnx` export too; `precision="int8"`: its cached ONNX Runtime int8
+    model); any problem becomes one line and exit status 2."""
     from sslam_core.checkpoints import CheckpointError, load_model
 
     try:
-        return load_model(checkpoint, device=device, teacher=teacher)
+        return load_model(checkpoint, device=device, teacher=teacher, precision=precision)
     except CheckpointError as e:
         fail(str(e))
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from sslam_cli.common import load_model_or_fail  # noqa: E402
 from sslam_cli.main import app  # noqa: E402
 from sslam_core.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint  # noqa: E402
 from sslam_core.model import Classifier, ModelConfig, build_model  # noqa: E402
@@ -224,6 +225,7 @@ def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
 
     monkeypatch.setattr(onnx_export, "export_checkpoint", no_export)
     again = load_model(FINETUNED, precision="int8")
+    assert load_model_or_fail(str(FINETUNED), torch.device("cpu"), precision="int8").precision == "int8"
     x = torch.randn(2, 1, 256, 128, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         got, want = again(x), load_model(FINETUNED)(x)
