@@ -41,6 +41,7 @@ from sslam_cli.common import (
 
 FORMATS = ("table", "json", "csv")
 CSV_HEADER = ["path", "scope", "start", "end", "rank", "label", "mid", "score"]
+EVENTS_PER_WINDOW = 4  # with --events and no --hop: windows every quarter window
 
 
 def tag(
@@ -61,7 +62,12 @@ def tag(
     window: Window = None,
     hop: Hop = None,
     timeline: bool = typer.Option(False, "--timeline", help="Also report the scores of every window."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, json (one object per line) or csv."),
+    fmt: str = typer.Option(
+        "table",
+        "--format",
+        "-f",
+        help="table, json (one object per line) or csv; with --events also dcase (TSV), audacity or raven.",
+    ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Write the results to this file instead of stdout."
     ),
@@ -81,6 +87,16 @@ def tag(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    events: bool = typer.Option(
+        False, "--events", help="Detect sound events (onset, offset) from overlapping windows' scores."
+    ),
+    event_threshold: float = typer.Option(0.5, "--event-threshold", help="Score at which an event starts."),
+    off_threshold: float = typer.Option(
+        None, "--off-threshold", help="Score below which it ends (hysteresis) [default: --event-threshold]."
+    ),
+    median: float = typer.Option(0.48, "--median", help="Median filter of the step scores, in seconds."),
+    min_duration: float = typer.Option(0.16, "--min-duration", help="Shorter events are dropped (s)."),
+    min_gap: float = typer.Option(0.32, "--min-gap", help="Events of a class closer than this merge (s)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --output / --plot files."),
     resume: bool = typer.Option(
         False, "--resume", help="Finish an interrupted run with --output without redoing finished files."
@@ -88,6 +104,7 @@ def tag(
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file."""
     from sslam_core.checkpoints import DEFAULT_TAGGER
+    from sslam_core.events import EVENT_FORMATS, EventOptions
     from sslam_core.inputs import collect_inputs
     from sslam_core.interrupts import StopRequest
     from sslam_core.labels import LabelError, read_label_csv
@@ -96,8 +113,15 @@ def tag(
     from sslam_core.tagging import tag as run_tag
     from sslam_core.text_journal import TextJournal
 
-    if fmt not in FORMATS:
-        fail(f"--format {fmt!r}: choose table, json or csv")
+    formats = (*FORMATS[:2], *EVENT_FORMATS) if events else FORMATS
+    if fmt not in formats:
+        fail(f"--format {fmt!r}: choose {', '.join(formats)}" + ("" if events else " (more with --events)"))
+    detection = None
+    if events:
+        try:
+            detection = EventOptions(event_threshold, off_threshold, median, min_duration, min_gap)
+        except ValueError as e:
+            fail(f"--events: {e}")
     if resume and output is None:
         fail("--resume continues a run written with --output FILE")
     if norm is not None:
@@ -121,31 +145,39 @@ def tag(
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
     frames, hop_frames = frames_or_fail(model, window, hop)
+    if events and hop is None:
+        hop_frames = max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
     inputs = collect_inputs(paths, audio_dir)
     for problem in inputs.problems:
         warn(problem)
     if not inputs:
         fail("no audio files found in " + ", ".join(paths))
+    if fmt == "audacity" and len(inputs) > 1:
+        fail("audacity labels hold the events of one file; tag one file at a time or use --format dcase")
     plots = _plot_paths(plot, len(inputs)) if plot is not None else None
     for target in plots or ():
         claim_or_fail(target, overwrite or resume)
 
     settings = {"inputs": inputs.names, "checkpoint": checkpoint or DEFAULT_TAGGER, "format": fmt}
     settings.update(top_k=top_k, threshold=threshold, timeline=timeline, window=frames, hop=hop_frames)
-    settings.update(norm=norm, labels=str(labels) if labels else None)
+    settings.update(norm=norm, labels=str(labels) if labels else None, events=repr(detection))
     journal = None
     if output is not None:
-        header = _csv_rows([CSV_HEADER]) if fmt == "csv" else ""
+        header = _header(fmt)
         try:
             journal = TextJournal(output, settings, resume=resume, header=header)
         except OutputError as e:
             fail(str(e))
-    elif fmt == "csv":
-        echo(_csv_rows([CSV_HEADER]))
+    else:
+        echo(_header(fmt))
     done = journal.done if journal else {}
     if done:
         note(f"resuming: {len(done)} file(s) already done in {journal.parts}")
     todo = [(i, path, name) for i, (path, name) in enumerate(inputs.files) if name not in done]
+    selection = 1  # Raven selection numbers run on over files (and over a resumed run's rows)
+    if fmt == "raven" and journal is not None and done:
+        with open(journal.parts / "output", encoding="utf-8") as f:
+            selection = sum(1 for _ in f)
 
     tagged = sum(e is None for e in done.values())
     skipped = len(done) - tagged
@@ -170,13 +202,19 @@ def tag(
         try:
             for (i, _, name), res in zip(todo, stream, strict=False):  # shorter when interrupted
                 bar.update()
-                text = "" if res.error else _render(res, names, fmt, top_k, threshold, timeline, output)
+                found = _events(res, names, detection) if detection and not res.error else None
+                text = (
+                    ""
+                    if res.error
+                    else _render(res, names, fmt, top_k, threshold, timeline, output, found, selection)
+                )
                 if res.error:
                     bar.clear()
                     warn(res.error)
                     skipped += 1
                 else:
                     tagged += 1
+                    selection += len(found or ())
                     if plots is not None:
                         _plot(res, names, plots[i], top_k)
                 if journal is not None:
@@ -244,8 +282,30 @@ def _csv_rows(rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def _render(res, names, fmt: str, top_k: int, threshold, timeline: bool, output) -> str:
-    """One file's results in `fmt`: a JSON line, its CSV rows, or its table(s)."""
+def _header(fmt: str) -> str:
+    """The first lines of an output in `fmt`, before any file's results."""
+    from sslam_core.events import render_events
+
+    if fmt == "csv":
+        return _csv_rows([CSV_HEADER])
+    return render_events("", [], fmt, first=True) if fmt in ("dcase", "raven") else ""
+
+
+def _events(res, names, detection):
+    from sslam_core.events import detect, step_scores
+
+    starts, scores = step_scores(res.segments, res.duration, detection.step)
+    return detect(starts, scores, res.duration, names, detection)
+
+
+def _render(
+    res, names, fmt: str, top_k: int, threshold, timeline: bool, output, events=None, selection: int = 1
+) -> str:
+    """One file's results in `fmt`: a JSON line, its CSV rows, its event rows, or its table(s)."""
+    from sslam_core.events import EVENT_FORMATS, event_dicts, render_events
+
+    if fmt in EVENT_FORMATS:
+        return render_events(res.path, events, fmt, first=False, number=selection)
     chosen = res.top(names, top_k, threshold)
     index = {m: i for i, (m, _) in enumerate(names)}
     if fmt == "json":
@@ -263,6 +323,8 @@ def _render(res, names, fmt: str, top_k: int, threshold, timeline: bool, output)
                 }
                 for a, b, s in res.segments
             ]
+        if events is not None:
+            obj["events"] = event_dicts(events)
         return json.dumps(obj, ensure_ascii=False) + "\n"
     if fmt == "csv":
         rows = [
@@ -290,4 +352,11 @@ def _render(res, names, fmt: str, top_k: int, threshold, timeline: bool, output)
             best = sorted(range(len(s)), key=lambda i: -s[i])[: max(top_k, 1)]
             seg.add_row(f"{a:.2f}", f"{b:.2f}", cell(", ".join(f"{names[i][1]} {s[i]:.2f}" for i in best)))
         tables.append(seg)
+    if events is not None:
+        ev = Table(show_header=True)
+        for name in ("onset", "offset", "event", "score"):
+            ev.add_column(name, justify="left" if name == "event" else "right")
+        for e in events:
+            ev.add_row(f"{e.onset:.2f}", f"{e.offset:.2f}", cell(e.label), f"{e.score:.3f}")
+        tables += [cell(f"{len(events)} event(s)"), ev]
     return render(*tables, terminal=None if output is None else False)

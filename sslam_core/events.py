@@ -1,0 +1,185 @@
+"""Sound events from a tagger's windows: per-time-step class scores, then onset / offset events.
+
+A tagger scores whole windows (10.24 s for the AudioSet models). Run with overlapping windows
+(`--hop` a fraction of the window), each time step of `step` seconds is covered by several windows;
+its score for a class is the **mean** over the windows that cover the step's centre. The mean, not
+the clip score's max, because a step is inside every window that covers it, and windows that see
+only the step's neighbourhood lower the score where a sound stops: onsets and offsets move towards
+where the windows disagree, while the max would stretch every event to the full width of the
+windows that contain it.
+
+Events per class: active where the score reaches `threshold`, and (hysteresis) stays active until it
+falls below `off_threshold`; scores are first smoothed by a median filter of `median` seconds; events
+closer than `min_gap` seconds are merged and events shorter than `min_duration` dropped. An event's
+score is its peak score.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+STEP_SECONDS = 0.16  # one time patch: the finest step at which windows can start
+
+
+@dataclass(frozen=True)
+class EventOptions:
+    """How step scores become events (see the module docstring); thresholds in [0, 1], times in s."""
+
+    threshold: float = 0.5
+    off_threshold: float | None = None  # default: the threshold (no hysteresis)
+    median: float = 0.0
+    min_duration: float = 0.0
+    min_gap: float = 0.0
+    step: float = STEP_SECONDS
+
+    def __post_init__(self) -> None:
+        off = self.threshold if self.off_threshold is None else self.off_threshold
+        if not 0.0 <= off <= self.threshold <= 1.0:
+            raise ValueError(
+                f"thresholds must satisfy 0 <= off threshold ({off}) <= threshold ({self.threshold}) <= 1"
+            )
+        for name in ("median", "min_duration", "min_gap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.step <= 0:
+            raise ValueError(f"step must be positive, got {self.step}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One detected sound event."""
+
+    onset: float
+    offset: float
+    label: str
+    mid: str
+    score: float
+
+
+def step_scores(
+    segments: Sequence[tuple[float, float, np.ndarray]], duration: float, step: float = STEP_SECONDS
+) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, scores): the start time of every step of `step` s over [0, duration] and its (S, C)
+    scores, the mean over the windows `(start, end, scores)` covering the step's centre (NaN where no
+    window does, as between windows when the hop is longer than the window)."""
+    n = max(1, int(np.ceil(duration / step - 1e-9)))
+    starts = np.arange(n) * step
+    centres = np.minimum(starts + step / 2, duration)
+    spans = np.array([(a, b) for a, b, _ in segments], dtype=np.float64)
+    scores = np.stack([s for _, _, s in segments]).astype(np.float64)
+    covers = (spans[:, :1] <= centres[None]) & (centres[None] <= spans[:, 1:])  # (W, S)
+    count = covers.sum(axis=0)
+    total = covers.T.astype(np.float64) @ scores
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return starts, np.where(count[:, None] > 0, total / count[:, None], np.nan)
+
+
+def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
+    """Running median over time (axis 0) of `width` steps (odd), edges padded with the edge values."""
+    if width <= 1:
+        return x
+    half = width // 2
+    padded = np.pad(x, ((half, half), (0, 0)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=0)
+    return np.nanmedian(windows, axis=-1) if np.isnan(x).any() else np.median(windows, axis=-1)
+
+
+def _runs(on: np.ndarray, hold: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) step ranges that begin where `on` and continue while `hold` (hysteresis)."""
+    runs, i, n = [], 0, len(on)
+    while i < n:
+        if on[i]:
+            j = i
+            while j < n and hold[j]:
+                j += 1
+            j = max(j, i + 1)
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def detect(
+    starts: np.ndarray,
+    scores: np.ndarray,
+    duration: float,
+    labels: Sequence[tuple[str, str]],
+    options: EventOptions,
+    classes: Sequence[int] | None = None,
+) -> list[Event]:
+    """Events of `classes` (default all) from step scores, sorted by onset then label."""
+    off = options.threshold if options.off_threshold is None else options.off_threshold
+    width = int(round(options.median / options.step)) | 1 if options.median > 0 else 1
+    smooth = _median_filter(scores, width)
+    events: list[Event] = []
+    for c in range(scores.shape[1]) if classes is None else classes:
+        s = np.nan_to_num(smooth[:, c], nan=0.0)
+        spans = [[starts[a], min(starts[b - 1] + options.step, duration), s[a:b].max()] for a, b in _runs(
+            s >= options.threshold, s >= off
+        )]  # fmt: skip
+        merged: list[list[float]] = []
+        for span in spans:
+            if merged and span[0] - merged[-1][1] < options.min_gap:
+                merged[-1][1], merged[-1][2] = span[1], max(merged[-1][2], span[2])
+            else:
+                merged.append(span)
+        mid, name = labels[c]
+        events += [
+            Event(round(a, 3), round(b, 3), name, mid, float(p))
+            for a, b, p in merged
+            if b - a >= options.min_duration
+        ]
+    return sorted(events, key=lambda e: (e.onset, e.label))
+
+
+EVENT_FORMATS = ("dcase", "audacity", "raven")  # besides tag's json (events inside) and table
+
+
+def event_dicts(events: Sequence[Event]) -> list[dict]:
+    """Events as JSON objects `{label, mid, onset, offset, score}`."""
+    return [{"label": e.label, "mid": e.mid, "onset": e.onset, "offset": e.offset, "score": round(e.score, 6)}
+            for e in events]  # fmt: skip
+
+
+def render_events(path: str, events: Sequence[Event], fmt: str, first: bool, number: int = 1) -> str:
+    """One file's events: DCASE TSV rows (`filename onset offset event_label score`, header when
+    `first`), Audacity label lines (`onset offset label`, for one file), Raven selection-table rows
+    numbered from `number` (header when `first`), or a JSON line `{"path", "events": [...]}`."""
+    if fmt == "json":
+        return json.dumps({"path": path, "events": event_dicts(events)}, ensure_ascii=False) + "\n"
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    if fmt == "dcase":
+        if first:
+            w.writerow(["filename", "onset", "offset", "event_label", "score"])
+        w.writerows([path, f"{e.onset:.3f}", f"{e.offset:.3f}", e.label, f"{e.score:.6f}"] for e in events)
+    elif fmt == "audacity":
+        w.writerows([f"{e.onset:.6f}", f"{e.offset:.6f}", e.label] for e in events)
+    elif fmt == "raven":
+        if first:
+            w.writerow(
+                [
+                    "Selection",
+                    "View",
+                    "Channel",
+                    "Begin Time (s)",
+                    "End Time (s)",
+                    "Begin File",
+                    "Annotation",
+                    "Score",
+                ]
+            )
+        w.writerows(
+            [i, "Waveform 1", 1, f"{e.onset:.3f}", f"{e.offset:.3f}", path, e.label, f"{e.score:.6f}"]
+            for i, e in enumerate(events, number)
+        )
+    else:
+        raise ValueError(f"unknown event format {fmt!r}; choose {', '.join(EVENT_FORMATS)}")
+    return buf.getvalue()
