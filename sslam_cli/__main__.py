@@ -1,5 +1,5 @@
 """`python -m sslam_cli` runs the `sslam` command."""
 
-from sslam_cli.main import app
+from sslam_cli.main import main
 
-app(prog_name="sslam")
+main()

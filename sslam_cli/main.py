@@ -64,3 +64,22 @@ app.command("eval")(evaluate.evaluate)
 app.command("stats")(stats.stats)
 app.command("plot")(plot.plot)
 app.command("pack")(pack.pack)
+
+
+def main() -> None:
+    """The `sslam` entry point: the app, with a last safety net. Every expected failure is already one
+    line; an unexpected exception (a bug) is one line too, naming the exception, with the traceback
+    only when SSLAM_TRACEBACK=1. Finished work is safe either way: outputs are journaled or renamed
+    into place, as for a killed process."""
+    import os
+    import sys
+
+    try:
+        app(prog_name="sslam")
+    except Exception as e:  # the safety net described above
+        if os.environ.get("SSLAM_TRACEBACK") == "1":
+            raise
+        reason = (str(e).splitlines() or [""])[0]
+        hint = "please report it; SSLAM_TRACEBACK=1 shows where"
+        print(f"error: unexpected {type(e).__name__}: {reason} ({hint})", file=sys.stderr)
+        sys.exit(2)

@@ -425,3 +425,25 @@ def test_file_names_that_are_not_utf8(tmp_path):
     sslam("extract", str(folder), "-c", PRETRAIN, "-o", str(tmp_path / "x.h5"))
     with h5py.File(tmp_path / "x.h5") as f:
         assert [p.decode() for p in f["paths"][:]] == ["bad\\xffname.ogg"]
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_an_unexpected_exception_is_one_line_unless_asked(debug):
+    """The entry point's safety net, with a fault injected where a bug could be (input collection)."""
+    code = (
+        "import sys, sslam_core.inputs as i\n"
+        "def boom(*a, **k): raise RuntimeError('injected fault\\nsecond line')\n"
+        "i.collect_inputs = boom\n"
+        "from sslam_cli.main import main\n"
+        f"sys.argv = ['sslam', 'tag', {str(CLIP)!r}, '-c', {FINETUNED!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "SSLAM_TRACEBACK": debug})  # fmt: skip
+    if debug == "1":
+        assert proc.returncode == 1 and "Traceback" in proc.stderr
+    else:
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "error: unexpected RuntimeError: injected fault (please report it; SSLAM_TRACEBACK=1 shows where)"
+        ]
