@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 from test_objective import STEP, build, close, num
-from test_pretrain import CLIPS, SMALL, report, sslam
+from test_pretrain import CLIPS, ROOT, SMALL, report, sslam
 
 from sslam_core.mixing import partial_mix, random_partners, roll_partners, window_frames
 from sslam_core.objective import ObjectiveConfig, PretrainingModel
@@ -216,3 +217,22 @@ def test_ablation_flags_round_trip_through_config_and_resume(tmp_path):
     )
     bad = sslam("pretrain", *CLIPS, "-o", str(tmp_path / "bad"), *common, "--mix", "max", check=2)
     assert "--mix 'max': choose from partial, none" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ablation_check_reuses_only_a_run_of_the_same_settings(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ablation_check
+
+    run = tmp_path / "sslam_s1"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"")
+    given = {"stage": "sslam", "seed": 1, "lr": 1e-3 * 0.1, "srl_weight": 0.0, "init": "/w/eat_3200"}
+    (run / "config.json").write_text(json.dumps({"steps": 800, "pretrain": {"given": given}}))
+    wanted = {"stage": "sslam", "seed": 1, "lr": 1e-4, "srl_weight": 0.0, "init": "/w/eat_3200"}
+    assert ablation_check.finished(run, 800, wanted)
+    assert not ablation_check.finished(run, 1600, wanted)
+    assert not ablation_check.finished(run, 800, {**wanted, "mix": "none"})
+    assert not ablation_check.finished(run, 800, {**wanted, "seed": 2})
+    cells = {"sslam": {f"{m}_cls": ablation_check.spread([40.0, 42.0, 44.0]) for m in ablation_check.METRICS}}
+    assert cells["sslam"]["poly_mAP_cls"] == {"mean": 42.0, "std": 2.0, "n": 3}
+    assert "| sslam (n=3) | 42.0 ± 2.0 |" in ablation_check.table(cells, "cls")
