@@ -90,7 +90,11 @@ def tag(
     events: bool = typer.Option(
         False, "--events", help="Detect sound events (onset, offset) from overlapping windows' scores."
     ),
-    event_threshold: float = typer.Option(0.5, "--event-threshold", help="Score at which an event starts."),
+    event_threshold: str = typer.Option(
+        "0.5",
+        "--event-threshold",
+        help="Score at which an event starts, or a CSV of LABEL,THRESHOLD per class.",
+    ),
     off_threshold: float = typer.Option(
         None, "--off-threshold", help="Score below which it ends (hysteresis) [default: --event-threshold]."
     ),
@@ -104,7 +108,7 @@ def tag(
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file."""
     from sslam_core.checkpoints import DEFAULT_TAGGER
-    from sslam_core.events import EVENT_FORMATS, EventOptions
+    from sslam_core.events import EVENT_FORMATS
     from sslam_core.inputs import collect_inputs
     from sslam_core.interrupts import StopRequest
     from sslam_core.labels import LabelError, read_label_csv
@@ -116,12 +120,8 @@ def tag(
     formats = (*FORMATS[:2], *EVENT_FORMATS) if events else FORMATS
     if fmt not in formats:
         fail(f"--format {fmt!r}: choose {', '.join(formats)}" + ("" if events else " (more with --events)"))
-    detection = None
     if events:
-        try:
-            detection = EventOptions(event_threshold, off_threshold, median, min_duration, min_gap)
-        except ValueError as e:
-            fail(f"--events: {e}")
+        _event_options(event_threshold, off_threshold, median, min_duration, min_gap, ())
     if resume and output is None:
         fail("--resume continues a run written with --output FILE")
     if norm is not None:
@@ -144,6 +144,9 @@ def tag(
     if names is None or len(names) != model.cfg.num_classes:
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
+    detection = None
+    if events:
+        detection = _event_options(event_threshold, off_threshold, median, min_duration, min_gap, names)
     frames, hop_frames = frames_or_fail(model, window, hop)
     if events and hop is None:
         hop_frames = max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
@@ -241,6 +244,27 @@ def tag(
     if len(inputs) > 1 or skipped:
         note(f"tagged {tagged} file(s), skipped {skipped}")
     raise typer.Exit(EXIT_USAGE if not tagged else EXIT_SKIPPED if skipped else EXIT_OK)
+
+
+def _event_options(threshold: str, off, median, min_duration, min_gap, names):
+    """EventOptions from the flags. A CSV --event-threshold is read against the model's `names`; before
+    the model is loaded (`names` empty) only the flags' values are checked."""
+    from pathlib import Path
+
+    from sslam_core.events import EventOptions, read_thresholds
+
+    per_class, base = (), 0.5
+    try:
+        if Path(threshold).is_file():
+            per_class = read_thresholds(threshold, names) if names else ()
+        else:
+            base = float(threshold)
+    except (OSError, ValueError) as e:
+        fail(f"--event-threshold {threshold}: {e}")
+    try:
+        return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
+    except ValueError as e:
+        fail(f"--events: {e}")
 
 
 def _check_plotting(plot: Path) -> None:

@@ -37,13 +37,17 @@ class EventOptions:
     min_duration: float = 0.0
     min_gap: float = 0.0
     step: float = STEP_SECONDS
+    per_class: tuple[tuple[int, float], ...] = ()  # (class index, threshold) overriding `threshold`
 
     def __post_init__(self) -> None:
-        off = self.threshold if self.off_threshold is None else self.off_threshold
-        if not 0.0 <= off <= self.threshold <= 1.0:
-            raise ValueError(
-                f"thresholds must satisfy 0 <= off threshold ({off}) <= threshold ({self.threshold}) <= 1"
-            )
+        for on in (self.threshold, *(t for _, t in self.per_class)):
+            off = on if self.off_threshold is None else min(self.off_threshold, on)
+            if not 0.0 <= off <= on <= 1.0:
+                raise ValueError(
+                    f"thresholds must satisfy 0 <= off threshold ({off}) <= threshold ({on}) <= 1"
+                )
+        if self.off_threshold is not None and not 0.0 <= self.off_threshold <= self.threshold:
+            raise ValueError(f"the off threshold {self.off_threshold} must lie in [0, {self.threshold}]")
         for name in ("median", "min_duration", "min_gap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -115,14 +119,16 @@ def detect(
     classes: Sequence[int] | None = None,
 ) -> list[Event]:
     """Events of `classes` (default all) from step scores, sorted by onset then label."""
-    off = options.threshold if options.off_threshold is None else options.off_threshold
+    own = dict(options.per_class)
     width = int(round(options.median / options.step)) | 1 if options.median > 0 else 1
     smooth = _median_filter(scores, width)
     events: list[Event] = []
     for c in range(scores.shape[1]) if classes is None else classes:
         s = np.nan_to_num(smooth[:, c], nan=0.0)
+        on = own.get(c, options.threshold)
+        off = on if options.off_threshold is None else min(options.off_threshold, on)
         spans = [[starts[a], min(starts[b - 1] + options.step, duration), s[a:b].max()] for a, b in _runs(
-            s >= options.threshold, s >= off
+            s >= on, s >= off
         )]  # fmt: skip
         merged: list[list[float]] = []
         for span in spans:
@@ -137,6 +143,26 @@ def detect(
             if b - a >= options.min_duration
         ]
     return sorted(events, key=lambda e: (e.onset, e.label))
+
+
+def read_thresholds(path: str, labels: Sequence[tuple[str, str]]) -> tuple[tuple[int, float], ...]:
+    """Per-class thresholds from a CSV `label,threshold` (a header line is allowed; the label is a
+    display name or a mid); an unknown label or a bad number is a ValueError naming the line."""
+    index = {key: i for i, (mid, name) in enumerate(labels) for key in (mid, name)}
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and rows[0][-1].strip().lower() == "threshold":
+        rows = rows[1:]
+    out = []
+    for number, row in enumerate(rows, 1):
+        try:
+            label, value = (c.strip() for c in row)
+            out.append((index[label], float(value)))
+        except (ValueError, KeyError):
+            raise ValueError(
+                f"{path}: line {number} {','.join(row)!r}: expected LABEL,THRESHOLD for a class of the model"
+            ) from None
+    return tuple(out)
 
 
 EVENT_FORMATS = ("dcase", "audacity", "raven")  # besides tag's json (events inside) and table

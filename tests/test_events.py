@@ -130,3 +130,24 @@ def test_raven_selections_number_on_over_files():
     rows = list(csv.DictReader(io.StringIO(sslam(*args).stdout), delimiter="\t"))
     assert [int(r["Selection"]) for r in rows] == list(range(1, len(rows) + 1))
     assert {r["Begin File"] for r in rows} == set(clips)
+
+
+def test_per_class_thresholds(tmp_path):
+    from sslam_core.events import read_thresholds
+
+    a = np.array([0.0, 0.6, 0.6, 0.0, 0.3, 0.3, 0.0])
+    scores = np.stack([a, a], axis=1)
+    starts = np.arange(len(a)) * 0.1
+    table = tmp_path / "thr.csv"
+    table.write_text("label,threshold\nB,0.25\n")
+    per = read_thresholds(str(table), LABELS)
+    assert per == ((1, 0.25),)
+    events = detect(starts, scores, 0.7, LABELS, EventOptions(0.5, step=0.1, per_class=per))
+    assert [(e.label, e.onset, e.offset) for e in events] == [
+        ("A", 0.1, 0.3), ("B", 0.1, 0.3), ("B", 0.4, 0.6),
+    ]  # fmt: skip
+    table.write_text("Z,0.3\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_thresholds(str(table), LABELS)
+    bad = sslam("tag", str(CLIP), "-c", FINETUNED, "--events", "--event-threshold", str(table), check=2)
+    assert "--event-threshold" in bad.stderr and "line 1" in bad.stderr and "Traceback" not in bad.stderr
