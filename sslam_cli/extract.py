@@ -76,21 +76,30 @@ def extract(
     audio_dir: str = typer.Option(
         None, "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
     ),
+    frame_hop: float = typer.Option(
+        None,
+        "--frame-hop",
+        help="Seconds between frame vectors: 0.16, 0.08, 0.04, 0.02 or 0.01, each halving costs one more "
+        "pass of the model [default: 0.16].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Extract clip, per-time-step or patch embeddings of any layer to HDF5."""
     import sslam_core
     from sslam_core.checkpoints import DEFAULT_ENCODER
-    from sslam_core.embeddings import extract_to_h5, granularities
+    from sslam_core.embeddings import extract_to_h5, frame_shifts, granularities
     from sslam_core.feature_store import StoreError
     from sslam_core.inputs import collect_inputs
     from sslam_core.interrupts import StopRequest
     from sslam_core.outputs import OutputError
 
     try:
-        granularities(granularity)
+        keep = granularities(granularity)
+        frame_shifts(frame_hop)
     except ValueError as e:
         fail(str(e))
+    if frame_hop is not None and "frame" not in keep:
+        fail("--frame-hop sets the step of frame vectors: use it with --granularity frame or all")
     if output.suffix.lower() not in (".h5", ".hdf5"):
         fail(f"{output}: expected an .h5 or .hdf5 file")
     if norm is not None:
@@ -124,6 +133,7 @@ def extract(
         "hop": hop_frames / 100.0,
         "layer": layer if layer is not None else -1,
         "granularity": granularity,
+        "frame_hop": frame_hop or 0.16,
         "normalization": json.dumps(normalization),
         "version": sslam_core.__version__,
     }
@@ -151,6 +161,7 @@ def extract(
                 on_file=on_file,
                 flush_files=flush_every,
                 stop=lambda: stop.requested,
+                frame_hop=frame_hop,
                 batch_size=batch_size,
                 workers=workers,
                 device=dev,

@@ -13,9 +13,58 @@ import torch
 from torch import nn
 
 from sslam_core.feature_store import FeatureStore, Record
-from sslam_core.inference import PATCH_FRAMES, FileResult, Source, feature_head, run_windows
+from sslam_core.inference import PATCH_FRAMES, FileResult, Shifted, Source, feature_head, run_windows
 
 GRANULARITIES = ("clip", "frame", "patch")
+FRAME_HOPS = (0.16, 0.08, 0.04, 0.02, 0.01)  # 160 ms / 1, 2, 4, 8, 16 passes, in whole 10 ms frames
+
+
+def frame_shifts(frame_hop: float | None) -> list[int]:
+    """Start offsets, in 10 ms frames, of the passes whose frame vectors together come every
+    `frame_hop` seconds: one pass gives a vector per 160 ms patch; pass k of n starts k * 160 / n ms
+    later. Each pass costs one more run of the model over the file."""
+    if frame_hop is None:
+        return [0]
+    passes = round(PATCH_FRAMES / 100 / frame_hop)
+    if passes not in (1, 2, 4, 8, 16) or not math.isclose(passes * frame_hop, PATCH_FRAMES / 100):
+        raise ValueError(f"frame hop {frame_hop} s: choose one of {', '.join(map(str, FRAME_HOPS))}")
+    return [k * PATCH_FRAMES // passes for k in range(passes)]
+
+
+def _passes(
+    model: nn.Module, sources: Sequence[Source], layer, keep, shifts: list[int], **options
+) -> Iterator[list[FileResult]]:
+    """Each source's results from every shifted pass (the first unshifted), file by file in order."""
+    streams = [
+        run_windows(
+            model,
+            [Shifted(s, k) for s in sources] if k else sources,
+            feature_head(model, layer, keep if not k else ("clip", "frame")),
+            **options,
+        )
+        for k in shifts
+    ]
+    yield from zip(*streams, strict=False)  # shorter when stopped
+
+
+def merge_shifted(records: list[Record], shifts: list[int]) -> Record:
+    """The first pass's record with the frame vectors of the shifted passes interleaved by time
+    (those starting past the end of the audio left out); a shifted pass that failed (a clip too
+    short once shifted) only contributes nothing."""
+    base = records[0]
+    if base.error is not None or base.frame is None or len(records) == 1:
+        return base
+    frames, times = [base.frame], [base.frame_times]
+    for rec, k in zip(records[1:], shifts[1:], strict=True):
+        if rec.error is None and rec.frame is not None:
+            t = rec.frame_times + k / 100.0
+            kept = t < base.duration
+            frames.append(rec.frame[kept])
+            times.append(t[kept])
+    t = np.concatenate(times)
+    order = np.argsort(t, kind="stable")
+    base.frame, base.frame_times = np.concatenate(frames)[order], t[order]
+    return base
 
 
 def granularities(name: str) -> tuple[str, ...]:
@@ -88,6 +137,7 @@ def extract_to_h5(
     on_file: Callable[[Record], None] | None = None,
     flush_files: int = 256,
     stop: Callable[[], bool] | None = None,
+    frame_hop: float | None = None,
     **run_options,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
@@ -95,17 +145,21 @@ def extract_to_h5(
     `names` are the paths as stored in the file. Files already in an unfinished run's journal are
     skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`. When
     `stop()` turns true the files finished so far go to the journal and the HDF5 file is not written
-    (`interrupted` in the summary); `resume=True` later finishes the rest.
+    (`interrupted` in the summary); `resume=True` later finishes the rest. `frame_hop` (seconds, see
+    `frame_shifts`) gives frame vectors more often than every 160 ms.
     """
     keep = granularities(granularity)
     hop = hop or target_length
     store = FeatureStore(Path(out), settings, keep, resume=resume, flush_files=flush_files)
     done = store.done() if resume else set()
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]
-    results = run_windows(
+    shifts = frame_shifts(frame_hop)
+    results = _passes(
         model,
         [s for s, _ in todo],
-        feature_head(model, layer, keep),
+        layer,
+        keep,
+        shifts,
         target_length=target_length,
         hop=hop,
         stop=stop,
@@ -113,8 +167,8 @@ def extract_to_h5(
         **run_options,
     )
     finished = 0
-    for (_, name), res in zip(todo, results, strict=False):  # shorter when stopped
-        rec = to_record(res, name, target_length, hop, keep)
+    for (_, name), passes in zip(todo, results, strict=False):  # shorter when stopped
+        rec = merge_shifted([to_record(r, name, target_length, hop, keep) for r in passes], shifts)
         store.add(rec)
         finished += 1
         if on_file:
@@ -134,13 +188,15 @@ def embed(
     layer: int | None = None,
     target_length: int = 1024,
     hop: int | None = None,
+    frame_hop: float | None = None,
     **run_options,
 ) -> Iterator[Record]:
-    """Features of each file path or (wave, sample_rate) pair, as numpy arrays in Records."""
+    """Features of each file path or (wave, sample_rate) pair, as numpy arrays in Records; frame
+    vectors every `frame_hop` seconds (default 0.16, see `frame_shifts`)."""
     keep = granularities(granularity)
     hop = hop or target_length
-    results = run_windows(
-        model, sources, feature_head(model, layer, keep), target_length=target_length, hop=hop, **run_options
-    )
-    for res in results:
-        yield to_record(res, res.path, target_length, hop, keep)
+    shifts = frame_shifts(frame_hop)
+    for passes in _passes(
+        model, sources, layer, keep, shifts, target_length=target_length, hop=hop, **run_options
+    ):
+        yield merge_shifted([to_record(r, r.path, target_length, hop, keep) for r in passes], shifts)

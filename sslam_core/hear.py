@@ -1,6 +1,8 @@
 """HEAR 2021 API (https://hearbenchmark.com): `load_model`, `get_scene_embeddings`,
 `get_timestamp_embeddings`. Scene embeddings are CLS vectors (the mean over 10.24 s windows for
-longer audio); timestamp embeddings are one vector per 160 ms step, stamped at its centre in ms."""
+longer audio); timestamp embeddings are one vector per 160 ms step every `frame_hop` seconds (40 ms
+by default, within the 50 ms HEAR suggests, from four passes shifted by 40 ms), stamped at the
+step's centre in ms."""
 
 from __future__ import annotations
 
@@ -15,21 +17,28 @@ from sslam_core.embeddings import embed
 SAMPLE_RATE = 16000
 
 
-def load_model(model_file_path: str = "", device: str = "cpu", layer: int | None = None) -> nn.Module:
-    """Load a checkpoint (path or hub id; default the SSLAM pre-trained encoder) for the HEAR API."""
+def load_model(
+    model_file_path: str = "", device: str = "cpu", layer: int | None = None, frame_hop: float = 0.04
+) -> nn.Module:
+    """Load a checkpoint (path or hub id; default the SSLAM pre-trained encoder) for the HEAR API;
+    `frame_hop` is the timestamp embeddings' hop in seconds (0.16, 0.08, 0.04, 0.02 or 0.01)."""
     model = _load(model_file_path or DEFAULT_ENCODER, device=device)
     dim = model.cfg.embed_dim
     model.sample_rate = SAMPLE_RATE
     model.scene_embedding_size = dim
     model.timestamp_embedding_size = dim
     model.hear_layer = layer
+    model.hear_frame_hop = frame_hop
     return model
 
 
 def _records(audio: Tensor, model: nn.Module, granularity: str):
     device = next(model.parameters()).device
     sources = [(wave.detach().cpu().float(), SAMPLE_RATE) for wave in audio]
-    records = list(embed(model, sources, granularity=granularity, layer=model.hear_layer, device=device))
+    hop = getattr(model, "hear_frame_hop", None) if granularity == "frame" else None
+    records = list(
+        embed(model, sources, granularity=granularity, layer=model.hear_layer, device=device, frame_hop=hop)
+    )
     for rec in records:
         if rec.error:
             raise ValueError(rec.error)

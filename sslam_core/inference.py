@@ -140,15 +140,37 @@ class FileResult:
         return torch.stack(self.outputs[name])
 
 
-Source = str | tuple[Tensor, int]  # a file path, or an in-memory (wave, sample_rate)
+@dataclass(frozen=True)
+class Shifted:
+    """A source read from its `frames`-th 10 ms frame on: the windows of a shifted pass (finer time
+    steps than one 160 ms patch, see `embeddings.embed`'s `frame_hop`)."""
+
+    source: str | tuple[Tensor, int]
+    frames: int
+
+
+Source = str | tuple[Tensor, int] | Shifted  # a file path, an in-memory (wave, sample_rate), shifted
 STREAM_SECONDS = 300.0  # files longer than this are cut while decoding, not decoded ahead
 
 
 def source_name(source: Source, i: int) -> str:
+    if isinstance(source, Shifted):
+        return source_name(source.source, i)
     return source if isinstance(source, str) else f"<waveform {i}>"
 
 
+def _skip(blocks: Iterable[Tensor], samples: int) -> Iterator[Tensor]:
+    for block in blocks:
+        if samples >= len(block):
+            samples -= len(block)
+            continue
+        yield block[samples:]
+        samples = 0
+
+
 def _blocks(source: Source, name: str, block_seconds: float) -> Iterable[Tensor]:
+    if isinstance(source, Shifted):
+        return _skip(_blocks(source.source, name, block_seconds), source.frames * HOP_SAMPLES)
     if isinstance(source, str):
         return stream_audio(source, SAMPLE_RATE, block_seconds=block_seconds)
     wave, sr = source
@@ -232,6 +254,8 @@ def _error(name: str, e: Exception) -> FileResult:
 
 
 def _is_long(source: Source) -> bool:
+    if isinstance(source, Shifted):
+        return _is_long(source.source)
     if not isinstance(source, str):
         return False
     try:

@@ -20,6 +20,7 @@ FIX = ROOT / "tests" / "fixtures" / "checkpoints"
 PRETRAIN = str(FIX / "tiny_pretrain.pt")
 FINETUNED = str(FIX / "tiny_finetuned.pt")
 CLIP = ROOT / "tests" / "data" / "real_32k.wav"  # = fixture input real_32k (row 1 of expected.npz)
+ROBIN = ROOT / "tests" / "data" / "robin.ogg"
 EXPECTED = np.load(FIX / "expected.npz")
 
 
@@ -226,8 +227,11 @@ def test_hear_api_and_python_api():
     model = hear.load_model(PRETRAIN)
     scene = hear.get_scene_embeddings(x16[None].repeat(2, 1), model)
     np.testing.assert_allclose(scene[0].numpy(), EXPECTED["pre_all_1024"][1, 0], atol=1e-4)
-    emb, ts = hear.get_timestamp_embeddings(x16[None], model)
-    assert emb.shape == (1, 63, 64) and ts[0, :2].tolist() == pytest.approx([80.0, 240.0])
+    emb, ts = hear.get_timestamp_embeddings(x16[None], model)  # every 40 ms, within HEAR's 50 ms
+    assert emb.shape == (1, 250, 64) and ts[0, :3].tolist() == pytest.approx([80.0, 120.0, 160.0])
+    coarse, ts160 = hear.get_timestamp_embeddings(x16[None], hear.load_model(PRETRAIN, frame_hop=0.16))
+    assert coarse.shape == (1, 63, 64) and ts160[0, :2].tolist() == pytest.approx([80.0, 240.0])
+    np.testing.assert_array_equal(emb[0, ::4].numpy(), coarse[0].numpy())  # the unshifted pass
     fb = sslam_core.fbank(x16[None])
     assert fb.shape == (1, 998, 128)
     feats = sslam_core.load_model(PRETRAIN)(torch.from_numpy(EXPECTED["x1024"]))
@@ -246,3 +250,30 @@ def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
     assert lazy.duration == eager.duration
     for name in ("clip", "patch", "frame", "frame_times"):
         np.testing.assert_array_equal(getattr(lazy, name), getattr(eager, name))
+
+
+def test_frame_hop_passes_equal_runs_on_the_shifted_audio(tmp_path):
+    """`--frame-hop 0.04`: four passes; pass k's vectors are a plain run's on the audio from 40k ms on."""
+    from sslam_core.audio import load_audio
+
+    robin16 = tmp_path / "robin16.wav"  # at 16 kHz, so that cutting the file equals skipping samples
+    wave, sr = load_audio(ROBIN).numpy(), 16000
+    sf.write(robin16, wave, sr, subtype="FLOAT")
+    out = tmp_path / "fine.h5"
+    sslam("extract", str(robin16), "-o", str(out), "-c", PRETRAIN, "-g", "frame", "--frame-hop", "0.04")
+    with h5py.File(out) as f:
+        times, frames = f["frame/times"][:], f["frame/data"][:]
+        assert f.attrs["frame_hop"] == 0.04
+    np.testing.assert_allclose(np.diff(times), 0.04, atol=1e-9)
+    assert times[0] == 0 and times[-1] < 2.6987
+    for k in (0, 2):
+        cut = tmp_path / f"cut{k}.wav"
+        sf.write(cut, wave[round(0.04 * k * sr) :], sr, subtype="FLOAT")
+        plain = tmp_path / f"plain{k}.h5"
+        sslam("extract", str(robin16 if k == 0 else cut), "-o", str(plain), "-c", PRETRAIN, "-g", "frame")
+        with h5py.File(plain) as f:
+            expect = f["frame/data"][:]
+        np.testing.assert_allclose(frames[k::4][: len(expect)], expect, atol=1e-5)
+    bad = sslam("extract", str(ROBIN), "-o", str(tmp_path / "x.h5"), "-c", PRETRAIN, "-g", "frame",
+                "--frame-hop", "0.05", check=2)  # fmt: skip
+    assert "0.16, 0.08, 0.04, 0.02, 0.01" in bad.stderr
