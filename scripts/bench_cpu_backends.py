@@ -1,5 +1,6 @@
 """Benchmark the CPU backends of a seeded ViT-B encoder in one process: torch fp32 (the baseline),
-torch bf16 autocast (only where the CPU has native bf16), ONNX Runtime fp32 and ONNX Runtime int8
+torch bf16 autocast (only where the CPU has native bf16), torch dynamic int8 (`quantize_dynamic` on
+the Linear layers; deprecated in torch, kept for comparison), ONNX Runtime fp32 and ONNX Runtime int8
 (dynamic, MatMul weights). Prints seconds per clip, the ratio to torch fp32, the cosine of the CLS and
 patch outputs to torch fp32 on real clips, and the CPU capability it ran on; the last line is JSON.
 
@@ -10,15 +11,17 @@ patch outputs to torch fp32 on real clips, and the CPU capability it ran on; the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sslam_core.audio import load_audio
 from sslam_core.checkpoints import Checkpoint
@@ -85,10 +88,10 @@ def main() -> None:
     print(f"CPU: {platform.processor() or platform.machine()}, torch capability {capability}, "
           f"native bf16 {native_bf16()}, {args.threads} threads, torch {torch.__version__}")  # fmt: skip
 
-    def torch_run(precision: str) -> Callable[[], Tensor]:
+    def torch_run(net: nn.Module, precision: str = "fp32") -> Callable[[], Tensor]:
         def run() -> Tensor:
             with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-                return model(x).float()
+                return net(x).float()
 
         return run
 
@@ -101,9 +104,13 @@ def main() -> None:
     import onnx
 
     int8 = quantize_int8(onnx.load_model_from_string(exported.data)).SerializeToString()
-    runs: dict[str, Callable[[], Tensor]] = {"torch fp32": torch_run("fp32")}
+    runs: dict[str, Callable[[], Tensor]] = {"torch fp32": torch_run(model)}
     if native_bf16():
-        runs["torch bf16"] = torch_run("bf16")
+        runs["torch bf16"] = torch_run(model, "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
+    runs["torch int8"] = torch_run(quantized)
     for name, data in (("onnxruntime fp32", exported.data), ("onnxruntime int8", int8)):
         session = open_session(data, args.threads)
         runs[name] = lambda session=session: run_session(session, x)["features"]
