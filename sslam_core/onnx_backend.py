@@ -76,13 +76,17 @@ def read_onnx(path: Path, teacher: bool = False) -> Checkpoint:
 
 
 def session_options(threads: int | None = None) -> Any:
-    """ONNX Runtime options: `threads` (default torch's) intra-op threads, one inter-op thread."""
+    """ONNX Runtime options: `threads` (default torch's) intra-op threads, one inter-op thread, no
+    spinning."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # no busy-waiting between runs: spinning threads would take the cores from audio decoding and
+    # from torch work in the same process
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
