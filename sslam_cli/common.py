@@ -36,7 +36,9 @@ Workers = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
-Precision = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
+Precision = Annotated[
+    str, typer.Option(help="fp32, bf16, fp16, or int8 (CPU: the ONNX Runtime int8 model, cached).")
+]
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
@@ -94,10 +96,15 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("fp32", "bf16", "fp16"):
-        fail(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
-    if precision != "fp32" and device.type == "cpu":
+def check_precision(precision: str, device: torch.device, int8: bool = False) -> str:
+    """fp32, bf16, fp16, or (where `int8`: inference on CPU) int8, which runs the checkpoint's ONNX
+    Runtime int8 model (quantised on first use and cached, see `checkpoints.load_model`)."""
+    choices = ("fp32", "bf16", "fp16", "int8") if int8 else ("fp32", "bf16", "fp16")
+    if precision not in choices:
+        fail(f"unknown precision {precision!r}; choose {', '.join(choices)}")
+    if precision == "int8" and device.type != "cpu":
+        fail("--precision int8 runs on the CPU (ONNX Runtime); use bf16 or fp16 on a GPU")
+    if precision in ("bf16", "fp16") and device.type == "cpu":
         note(f"note: {precision} on CPU is usually slower than fp32 on CPUs without AVX-512")
     return precision
 

@@ -253,10 +253,10 @@ def _predict(
     from sslam_core.model import Classifier
 
     dev = pick_device(run["device"])
-    check_precision(run["precision"], dev)
+    check_precision(run["precision"], dev, int8=True)
     try:
         ckpt = read_checkpoint(checkpoint, allow_onnx=True)
-        model = model_from_checkpoint(ckpt, dev)
+        model = model_from_checkpoint(ckpt, dev, run["precision"])
     except CheckpointError as e:
         fail(str(e))
     if not isinstance(model, Classifier):

@@ -131,8 +131,8 @@ def tag(
     if plot is not None:
         _check_plotting(plot)
     dev = pick_device(device)
-    check_precision(precision, dev)
-    model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev)
+    check_precision(precision, dev, int8=True)
+    model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
     if not isinstance(model, Classifier):
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = model.labels

@@ -238,8 +238,8 @@ def cut_windows(
 
 
 def autocast(device: torch.device, precision: str):
-    """Autocast context for `precision` (fp32 = none)."""
-    if precision == "fp32":
+    """Autocast context for `precision` (fp32 = none; int8 models are ONNX Runtime graphs: none)."""
+    if precision in ("fp32", "int8"):
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -260,3 +260,41 @@ def test_full_disk_is_one_line(tmpfs):
         result = sslam("export", PRETRAIN, disk / "enc.onnx", code=2)
         assert "no space left on device" in error_line(result) and "enc.onnx" in error_line(result)
         assert not list(disk.iterdir())
+
+
+def test_precision_int8_in_the_commands_is_cached_and_close(tmp_path):
+    """`--precision int8` for a torch checkpoint: quantised once into SSLAM_CACHE, then reused."""
+    clip = ROOT / "tests" / "data" / "real_32k.wav"
+    env = {**os.environ, "SSLAM_CACHE": str(tmp_path / "cache")}
+    fine = str(ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt")
+
+    def tag(*extra: str) -> list[dict]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "sslam_cli",
+            "tag",
+            str(clip),
+            "-c",
+            fine,
+            "-f",
+            "json",
+            "-k",
+            "3",
+            *extra,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["labels"]
+
+    int8 = tag("--precision", "int8")
+    cached = list((tmp_path / "cache").rglob("*.onnx"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    assert tag("--precision", "int8") == int8 and cached[0].stat().st_mtime_ns == stamp
+    fp32 = tag()
+    assert [c["label"] for c in int8][:1] == [c["label"] for c in fp32][:1]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(int8, fp32, strict=True)) < 0.01
+    cmd = [sys.executable, "-m", "sslam_cli", "tag", str(clip), "-c", fine, "--precision", "int4"]
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "choose fp32, bf16, fp16, int8" in bad.stderr
