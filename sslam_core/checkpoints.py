@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -509,50 +508,39 @@ def load_model(
     return model_from_checkpoint(read_checkpoint(path_or_id, teacher, allow_onnx=True), device, precision)
 
 
-_OS_ERROR = re.compile(r"os error (\d+)")
+class _RecordingFile:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a RuntimeError
+    without the cause."""
 
+    def __init__(self, f):
+        self.f, self.error = f, None
 
-def _as_os_error(e: Exception) -> OSError | None:
-    """The OSError behind a serializer's failure: torch.save chains it, safetensors names its errno."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    found = _OS_ERROR.search(str(e))
-    if found:
-        code = int(found.group(1))
-        return OSError(code, os.strerror(code))
-    return None
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """`outputs.atomic_write` (rename, ordinary file mode; an OSError becomes a one-line OutputError),
-    also for the disk errors that torch.save and safetensors report as their own exception types."""
-
-    def checked(tmp: str) -> None:
+    def write(self, data) -> int:
         try:
-            write(tmp)
-        except OSError:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
             raise
-        except Exception as e:
-            cause = _as_os_error(e)
-            if cause is None:
-                raise
-            raise cause from e
 
-    atomic_write(path, checked)
+    def flush(self) -> None:
+        self.f.flush()
 
 
-def _torch_save(obj: Any, tmp: str) -> None:
-    """`torch.save` through a Python file, so that a write error surfaces as its OSError."""
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+def torch_save(obj: Any, path: str) -> None:
+    """`torch.save` to `path` such that a write error surfaces as its OSError (for `atomic_write`)."""
+    with open(path, "wb") as f:
+        writer = _RecordingFile(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     owned = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(owned, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(owned, tmp, metadata=metadata))
 
 
 def save_checkpoint(
@@ -741,10 +729,10 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, layout: str) -> 
     elif layout == "hf":
         text = json.dumps(hf_config(ckpt), indent=2) + "\n"
         _save_tensors(path / "model.safetensors", hf_tensors(ckpt), {"format": "pt"})
-        _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
     elif layout == "fairseq":
         container = fairseq_container(ckpt)
-        _atomic(path, lambda tmp: _torch_save(container, tmp))
+        atomic_write(path, lambda tmp: torch_save(container, tmp))
     else:
         raise CheckpointError(
             f"{path}: unknown checkpoint layout {layout!r} (choose from {', '.join(LAYOUTS)})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,24 @@ def output_error(path: str | os.PathLike, e: OSError, doing: str = "cannot write
     return err
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors names the OS error behind its own exception
+
+
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError behind an exception: itself, one it was raised from (torch.save, h5py), or the errno
+    a serializer names in its message (safetensors' `... (os error 28)`); None when there is none."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = _OS_ERROR.search(str(e))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> Path:
     """Check, before any work, that `path` may be written: it must not exist unless `overwrite`, it must
     not be a folder, and its folder (created if missing) must be writable."""
@@ -81,7 +100,8 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path:
     """Write `path` through a temporary file in its folder and a rename (see the module docstring).
-    OSErrors become OutputError naming `path`; other exceptions propagate after the clean-up."""
+    OS-level failures, also those a serializer reports as its own exception type (`os_error_behind`),
+    become an OutputError naming `path`; other exceptions propagate after the clean-up."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +115,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
-    except OSError as e:
-        raise output_error(path, e) from e
+    except Exception as e:
+        if isinstance(e, OutputError) and str(path) in str(e):
+            raise
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise OutputError(cause.errno, f"{path}: cannot write ({os_reason(cause)})") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -104,13 +129,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """`atomic_write` of a UTF-8 text file."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
+    """`atomic_write` of a UTF-8 text file (newlines written as they are)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

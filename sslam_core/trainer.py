@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -45,9 +44,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sslam_core import distributed
+from sslam_core.checkpoints import torch_save
 from sslam_core.interrupts import StopRequest
 from sslam_core.optim import build_optimizer, cosine_schedule, set_lr
-from sslam_core.outputs import OutputError, atomic_write, output_error
+from sslam_core.outputs import OutputError, atomic_write, output_error, write_text
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOP_SIGNALS = tuple(
@@ -227,9 +227,9 @@ def _train(
 
     if main:
         resolved = {**config.to_dict(), "world_size": info.world_size, "device": str(device)}
-        _write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
+        write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
         for name, text in files.items():
-            _write_text(out / name, text)
+            write_text(out / name, text)
     metrics = MetricsLog(out / "metrics.jsonl", keep_through=step) if main else None
     writer = _tensorboard(out, step) if main and config.tensorboard else None
 
@@ -276,7 +276,7 @@ def _train(
                     "config": config.to_dict(),
                     "schedule": schedule,
                 }
-                atomic_torch_save(state, state_path)
+                atomic_write(state_path, lambda tmp: torch_save(state, tmp))
                 if config.keep_last > 0:
                     _keep_numbered(out, step, config.keep_last)
             except OutputError as e:
@@ -558,77 +558,13 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 # Files: atomic writes, metrics log, exports, best and numbered copies.
 
 
-def _write_error(path: Path, e: Exception) -> OutputError | None:
-    """An OutputError naming `path` for an OS-level write failure: an OSError, or the RuntimeError /
-    SafetensorError whose message carries the OS error (`... (os error 28)`); None for other errors."""
-    code = e.errno if isinstance(e, OSError) else None
-    if code is None and (m := re.search(r"os error (\d+)", str(e))):
-        code = int(m.group(1))
-    if code is None:
-        return None
-    return output_error(path, OSError(code, os.strerror(code)))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic UTF-8 text file; OS errors as one-line OutputErrors naming `path`."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _write_text(Path(path), text)
-
-
-class _Writer:
-    """A file wrapper that remembers the OSError of a failed write (torch.save reports it as a
-    RuntimeError with no errno)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _torch_save(obj: Any, tmp: str) -> None:
-    with open(tmp, "wb") as f:
-        writer = _Writer(f)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: _torch_save(obj, tmp))
-
-
-def _atomic(path: Path, write) -> None:
-    """outputs.atomic_write, with OS-level failures of any kind as one OutputError naming `path`."""
-    try:
-        atomic_write(path, write)
-    except Exception as e:
-        err = e if isinstance(e, OutputError) and str(path) in str(e) else _write_error(path, e)
-        if err is None:
-            raise
-        raise err from e
-
-
 def _export(task: TrainingTask, path: Path) -> None:
     """task.export into a temporary name first, so a crash never leaves a half-written model."""
-    _atomic(path, task.export)
+    atomic_write(path, task.export)
 
 
 def _copy(src: Path, dst: Path) -> None:
-    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class MetricsLog:
@@ -644,7 +580,7 @@ class MetricsLog:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue
-        _write_text(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         try:

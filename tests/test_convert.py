@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from sslam_core import checkpoints
 from sslam_core.checkpoints import Checkpoint, load_model, read_checkpoint, save_checkpoint
 from sslam_core.model import Encoder, ModelConfig
+from sslam_core.outputs import os_error_behind
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 FINETUNED = FIXTURES / "tiny_finetuned.pt"
@@ -180,11 +181,11 @@ def test_serializer_errors_are_read_as_os_errors():
     rust = checkpoints.SafetensorError(
         "Error while serializing: I/O error: No space left on device (os error 28)"
     )
-    assert checkpoints._as_os_error(rust).errno == errno.ENOSPC
+    assert os_error_behind(rust).errno == errno.ENOSPC
     wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     wrapped.__context__ = OSError(errno.EROFS, "Read-only file system")
-    assert checkpoints._as_os_error(wrapped).errno == errno.EROFS
-    assert checkpoints._as_os_error(RuntimeError("shape mismatch")) is None
+    assert os_error_behind(wrapped).errno == errno.EROFS
+    assert os_error_behind(RuntimeError("shape mismatch")) is None
 
 
 def test_messages_keep_brackets_and_bad_suffixes_are_refused(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sslam_core import trainer
+from sslam_core import checkpoints, trainer
 from sslam_core.outputs import OutputError
 from sslam_core.trainer import RunFolderError, check_run_folder, train
 from tests.test_trainer import ToyTask, config
@@ -105,7 +105,7 @@ def test_no_space_for_state_keeps_the_previous_one_and_resume_continues(tmp_path
     train(whole, config(tmp_path / "whole"))
     out = tmp_path / "run"
     writes = []
-    real = trainer._Writer.write
+    real = checkpoints._RecordingFile.write
 
     def write(self, data):
         writes.append(self)
@@ -113,7 +113,7 @@ def test_no_space_for_state_keeps_the_previous_one_and_resume_continues(tmp_path
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
 
-    monkeypatch.setattr(trainer._Writer, "write", write)
+    monkeypatch.setattr(checkpoints._RecordingFile, "write", write)
     with pytest.raises(OutputError) as err:
         train(ToyTask(), config(out))
     assert str(err.value) == f"{out / 'state.pt'}: cannot write (no space left on device)"
