@@ -66,6 +66,18 @@ def claim_resumable(path, overwrite: bool, resume: bool):
     return claim_or_fail(path, overwrite or resume, "--overwrite (or --resume to finish an interrupted run)")
 
 
+def check_plot_output(path, flag: str = "--plot") -> None:
+    """A PNG output needs a .png name and matplotlib (the `plot` extra): say so before any work."""
+    from sslam_core.plots import pyplot
+
+    if path.suffix.lower() != ".png":
+        fail(f"{flag} {path}: expected a .png file")
+    try:
+        pyplot()
+    except RuntimeError as e:
+        fail(f"{flag}: {e}")
+
+
 def note(message: str) -> None:
     """One plain-text line on stderr (a summary, a warning), never read as Rich markup."""
     err_console.print(message, markup=False)

@@ -22,6 +22,7 @@ from sslam_cli.common import (
     Window,
     Workers,
     cell,
+    check_plot_output,
     check_precision,
     claim_or_fail,
     err_console,
@@ -156,12 +157,9 @@ def _check_options(
 
     if fmt not in ("table", "json"):
         fail(f"--format {fmt!r}: choose table or json")
-    flags = {"predictions": "--predictions-out", "per_class": "--per-class", "plot": "--plot"}
-    suffixes = {"predictions": PREDICTION_SUFFIXES, "plot": (".png",)}
-    for key, wanted in suffixes.items():
-        out = outputs[key]
-        if out is not None and out.suffix.lower() not in wanted:
-            fail(f"{flags[key]} {out}: expected a {' or '.join(wanted)} file")
+    out = outputs["predictions"]
+    if out is not None and out.suffix.lower() not in PREDICTION_SUFFIXES:
+        fail(f"--predictions-out {out}: expected a {' or '.join(PREDICTION_SUFFIXES)} file")
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size {batch_size}: expected a positive number of windows")
     if workers is not None and workers < 0:
@@ -173,12 +171,7 @@ def _check_options(
     if norm is not None:
         parse_norm(norm)
     if outputs["plot"] is not None:
-        from sslam_core.plots import pyplot
-
-        try:
-            pyplot()
-        except RuntimeError as e:
-            fail(f"--plot: {e}")
+        check_plot_output(outputs["plot"])
 
 
 def _check_distinct(outputs: dict[str, Path | None], inputs: list) -> None:

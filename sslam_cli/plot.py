@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sslam_cli.common import claim_or_fail, fail, note
+from sslam_cli.common import check_plot_output, claim_or_fail, fail, note
 
 
 def plot(
@@ -20,8 +20,7 @@ def plot(
     log = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
     if not log.is_file():
         fail(f"{run_dir}: no metrics.jsonl (is this a training run folder?)")
-    if output.suffix.lower() != ".png":
-        fail(f"{output}: expected a .png file")
+    check_plot_output(output, "--output")
     claim_or_fail(output, overwrite)
     try:
         from sslam_core.plots import curve_groups, plot_training_curves, read_metrics_log, unplotted_keys

@@ -23,6 +23,7 @@ from sslam_cli.common import (
     Window,
     Workers,
     cell,
+    check_plot_output,
     check_precision,
     claim_or_fail,
     claim_resumable,
@@ -129,7 +130,7 @@ def tag(
     if output is not None:
         claim_resumable(output, overwrite, resume)
     if plot is not None:
-        _check_plotting(plot)
+        check_plot_output(plot)
     dev = pick_device(device)
     check_precision(precision, dev, int8=True)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
@@ -265,18 +266,6 @@ def _event_options(threshold: str, off, median, min_duration, min_gap, names):
         return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
     except ValueError as e:
         fail(f"--events: {e}")
-
-
-def _check_plotting(plot: Path) -> None:
-    """--plot needs a .png name and matplotlib; say so before any work."""
-    from sslam_core.plots import pyplot
-
-    if plot.suffix.lower() != ".png":
-        fail(f"--plot {plot}: expected a .png file")
-    try:
-        pyplot()
-    except RuntimeError as e:
-        fail(str(e))
 
 
 def _plot_paths(plot: Path, n: int) -> list[Path]:
