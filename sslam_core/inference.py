@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -149,13 +150,32 @@ class Shifted:
     frames: int
 
 
-Source = str | tuple[Tensor, int] | Shifted  # a file path, an in-memory (wave, sample_rate), shifted
+@runtime_checkable
+class AudioSource(Protocol):
+    """Audio that is neither a file path nor a waveform (a member of a tar shard): it names itself and
+    decodes itself. Instances must pickle, so that decoding can run in worker processes."""
+
+    name: str
+
+    def blocks(self, block_seconds: float) -> Iterable[Tensor]:
+        """1-D float32 mono blocks at 16 kHz; raises AudioError when it cannot be decoded."""
+        ...
+
+    def seconds(self) -> float | None:
+        """Its duration when known cheaply (None otherwise): long ones are streamed, not decoded ahead."""
+        ...
+
+
+# a file path, an in-memory (wave, sample_rate), a self-decoding source, or any of these shifted
+Source = str | tuple[Tensor, int] | AudioSource | Shifted
 STREAM_SECONDS = 300.0  # files longer than this are cut while decoding, not decoded ahead
 
 
 def source_name(source: Source, i: int) -> str:
     if isinstance(source, Shifted):
         return source_name(source.source, i)
+    if isinstance(source, AudioSource):
+        return source.name
     return source if isinstance(source, str) else f"<waveform {i}>"
 
 
@@ -173,6 +193,8 @@ def _blocks(source: Source, name: str, block_seconds: float) -> Iterable[Tensor]
         return _skip(_blocks(source.source, name, block_seconds), source.frames * HOP_SAMPLES)
     if isinstance(source, str):
         return stream_audio(source, SAMPLE_RATE, block_seconds=block_seconds)
+    if isinstance(source, AudioSource):
+        return source.blocks(block_seconds)
     wave, sr = source
     wave = torch.as_tensor(wave, dtype=torch.float32)
     if wave.ndim == 2:  # (channels, samples)
@@ -256,6 +278,8 @@ def _error(name: str, e: Exception) -> FileResult:
 def _is_long(source: Source) -> bool:
     if isinstance(source, Shifted):
         return _is_long(source.source)
+    if isinstance(source, AudioSource):
+        return (source.seconds() or 0.0) > STREAM_SECONDS
     if not isinstance(source, str):
         return False
     try:
