@@ -37,7 +37,11 @@ Workers = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
 Precision = Annotated[
-    str, typer.Option(help="fp32, bf16, fp16, or int8 (CPU: the ONNX Runtime int8 model, cached).")
+    str,
+    typer.Option(
+        help="fp32, bf16, fp16, int8 (CPU: the ONNX Runtime int8 model, cached) or auto (bf16 on a GPU "
+        "or a CPU with native bf16, else fp32; a note says which)."
+    ),
 ]
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
@@ -109,15 +113,26 @@ def pick_device(device: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device, int8: bool = False) -> str:
-    """fp32, bf16, fp16, or (where `int8`: inference on CPU) int8, which runs the checkpoint's ONNX
-    Runtime int8 model (quantised on first use and cached, see `checkpoints.load_model`)."""
-    choices = ("fp32", "bf16", "fp16", "int8") if int8 else ("fp32", "bf16", "fp16")
+    """The precision to run: fp32, bf16, fp16, or where `int8` (inference) also int8, which runs the
+    checkpoint's ONNX Runtime int8 model (quantised on first use and cached, see
+    `checkpoints.load_model`), and auto, resolved by `precision.auto_precision` with one note saying
+    what it chose and why."""
+    from sslam_core.precision import auto_precision, cpu_capability
+
+    choices = ("fp32", "bf16", "fp16", "int8", "auto") if int8 else ("fp32", "bf16", "fp16")
     if precision not in choices:
         fail(f"unknown precision {precision!r}; choose {', '.join(choices)}")
+    if precision == "auto":
+        chosen, why = auto_precision(device)
+        note(f"note: --precision auto runs {chosen}: {why}")
+        return chosen
     if precision == "int8" and device.type != "cpu":
         fail("--precision int8 runs on the CPU (ONNX Runtime); use bf16 or fp16 on a GPU")
-    if precision in ("bf16", "fp16") and device.type == "cpu":
-        note(f"note: {precision} on CPU is usually slower than fp32 on CPUs without AVX-512")
+    cpu = cpu_capability() if device.type == "cpu" else None
+    if precision == "bf16" and cpu is not None and not cpu.native_bf16:
+        note(f"note: this CPU has no native bf16 ({cpu}): bf16 is emulated, usually slower than fp32")
+    if precision == "fp16" and device.type == "cpu":
+        note("note: fp16 on CPU is usually slower than fp32")
     return precision
 
 

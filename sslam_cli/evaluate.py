@@ -246,7 +246,7 @@ def _predict(
     from sslam_core.model import Classifier
 
     dev = pick_device(run["device"])
-    check_precision(run["precision"], dev, int8=True)
+    run["precision"] = check_precision(run["precision"], dev, int8=True)
     try:
         ckpt = read_checkpoint(checkpoint, allow_onnx=True)
         model = model_from_checkpoint(ckpt, dev, run["precision"])

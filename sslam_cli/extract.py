@@ -106,7 +106,7 @@ def extract(
         parse_norm(norm)
     claim_resumable(output, overwrite, resume)
     dev = pick_device(device)
-    check_precision(precision, dev, int8=True)
+    precision = check_precision(precision, dev, int8=True)
     ckpt = checkpoint or DEFAULT_ENCODER
     model = load_model_or_fail(ckpt, dev, teacher=teacher, precision=precision)
     encoder = getattr(model, "encoder", model)

@@ -132,7 +132,7 @@ def tag(
     if plot is not None:
         check_plot_output(plot)
     dev = pick_device(device)
-    check_precision(precision, dev, int8=True)
+    precision = check_precision(precision, dev, int8=True)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
     if not isinstance(model, Classifier):
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")

@@ -1,0 +1,134 @@
+"""Inference precision: what `--precision auto` picks on this machine, and the CPU capability it reads.
+
+`auto` means the fastest precision whose fidelity to fp32 the README documents for the hardware:
+- CUDA: bf16 autocast where the GPU computes bf16, else fp32;
+- CPU: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16; elsewhere
+  bf16 is emulated and several times slower than fp32), else fp32. int8 (ONNX Runtime) is never
+  chosen by `auto`: it is asked for with `--precision int8` (see the README's fidelity table).
+
+The CPU's features come from `torch.cpu.get_capabilities()` where torch has it, else from the flags of
+/proc/cpuinfo; `SSLAM_CPU_CAPABILITY` overrides both (tests, or a CPU the detection gets wrong): a
+comma-separated list of flags as /proc/cpuinfo names them, e.g. `avx2`, `avx512f,avx512_bf16` or
+`amx_bf16` (`none`: no feature at all).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHOICES = ("fp32", "bf16", "fp16", "int8", "auto")
+ENV = "SSLAM_CPU_CAPABILITY"
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # strongest first: the name `CpuCapability.name` gives
+# torch's capability keys that differ from /proc/cpuinfo's flag names
+_TORCH_NAMES = {"avx512_f": "avx512f", "avx512_bw": "avx512bw", "avx512_vl": "avx512vl"}
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """The CPU features that decide the precision: `flags` (lower case, /proc/cpuinfo's names) and
+    where they were read (`source`: torch, /proc/cpuinfo or SSLAM_CPU_CAPABILITY)."""
+
+    flags: frozenset[str]
+    source: str
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether bf16 matrix products run in hardware (AVX512-BF16 or AMX-BF16)."""
+        return any(f in self.flags for f in BF16_FLAGS)
+
+    @property
+    def name(self) -> str:
+        """A short name: AMX_BF16, AVX512_BF16, AVX512, AVX2 or DEFAULT."""
+        for flag in (*BF16_FLAGS, "avx512f", "avx2"):
+            if flag in self.flags:
+                return flag.upper().replace("AVX512F", "AVX512")
+        return "DEFAULT"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.source})"
+
+
+def parse_flags(text: str) -> frozenset[str]:
+    """`avx512f, AVX512_BF16` -> {"avx512f", "avx512_bf16"}; `none` -> no flags."""
+    flags = {f.strip().lower() for f in text.replace("+", ",").split(",") if f.strip()}
+    return frozenset(flags - {"none"})
+
+
+def _torch_flags() -> frozenset[str] | None:
+    """The features torch detected (torch >= 2.8 has `torch.cpu.get_capabilities`), None without it."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is None:
+        return None
+    try:
+        caps = get()
+    except RuntimeError:
+        return None
+    return frozenset(_TORCH_NAMES.get(k, k) for k, v in caps.items() if v is True)
+
+
+def _cpuinfo_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The `flags` line of /proc/cpuinfo (Linux x86), None where there is none."""
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_capability() -> CpuCapability:
+    """This CPU's features: `SSLAM_CPU_CAPABILITY` if set, else torch's detection, else /proc/cpuinfo;
+    with none of them, no features (fp32 everywhere)."""
+    override = os.environ.get(ENV)
+    if override is not None:
+        return CpuCapability(parse_flags(override), ENV)
+    flags = _torch_flags()
+    if flags is not None:
+        return CpuCapability(flags, "torch")
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        return CpuCapability(flags, "/proc/cpuinfo")
+    return CpuCapability(frozenset(), f"no detection; torch says {torch.backends.cpu.get_cpu_capability()}")
+
+
+def auto_precision(
+    device: torch.device, cpu: CpuCapability | None = None, cuda_bf16: bool | None = None
+) -> tuple[str, str]:
+    """(precision, why) that `auto` means on `device`. `cpu` (default: `cpu_capability()`) and
+    `cuda_bf16` (default: torch's answer for the current GPU) can be given, for tests."""
+    if device.type == "cuda":
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        if cuda_bf16:
+            return "bf16", "this GPU computes bf16"
+        return "fp32", "this GPU has no bf16 (fp16's fidelity is not documented)"
+    if device.type != "cpu":
+        return "fp32", f"no lower precision is documented on {device.type}"
+    cpu = cpu or cpu_capability()
+    if cpu.native_bf16:
+        return "bf16", f"the CPU computes bf16 natively: {cpu}"
+    return "fp32", f"the CPU has no native bf16 (bf16 would be emulated, slower): {cpu}"
+
+
+def resolve_precision(requested: str, device: torch.device, cpu: CpuCapability | None = None) -> str:
+    """`requested` as it runs on `device`: `auto` -> `auto_precision`, anything else unchanged."""
+    if requested == "auto":
+        return auto_precision(device, cpu)[0]
+    return requested
+
+
+__all__ = [
+    "BF16_FLAGS",
+    "CHOICES",
+    "ENV",
+    "CpuCapability",
+    "auto_precision",
+    "cpu_capability",
+    "parse_flags",
+    "resolve_precision",
+]
