@@ -505,6 +505,10 @@ def load_model(
     `.multilabel`, `.target_length` (the input length it was trained with, if recorded) and
     `.checkpoint_info` (source, sha256, layout). An `.onnx` export, or `precision="int8"`, gives the
     ONNX Runtime model with the same interface."""
+    if precision == "int8":  # a cached int8 model is found from the file's hash, without its weights
+        from sslam_core.onnx_export import load_int8
+
+        return load_int8(path_or_id, device, teacher)
     return model_from_checkpoint(read_checkpoint(path_or_id, teacher, allow_onnx=True), device, precision)
 
 

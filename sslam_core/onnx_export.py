@@ -208,8 +208,11 @@ def cache_dir() -> Path:
 def int8_path(ckpt: Checkpoint) -> Path:
     """The cache file of `ckpt`'s int8 model: keyed by the checkpoint file's sha256 and the weights
     used (the model or the EMA teacher)."""
-    weights = "-teacher" if ckpt.extra.get("weights") == "ema_teacher" else ""
-    return cache_dir() / "int8" / f"{ckpt.sha256}{weights}-v{OPSET}.onnx"
+    return _int8_file(ckpt.sha256, ckpt.extra.get("weights") == "ema_teacher")
+
+
+def _int8_file(sha256: str, teacher: bool) -> Path:
+    return cache_dir() / "int8" / f"{sha256}{'-teacher' if teacher else ''}-v{OPSET}.onnx"
 
 
 def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
@@ -240,6 +243,25 @@ def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Modul
     return model_from_checkpoint(read_checkpoint(path, allow_onnx=True), device)
 
 
+def load_int8(
+    path_or_id: str | os.PathLike, device: str | torch.device = "cpu", teacher: bool = False
+) -> nn.Module:
+    """`load_model(path_or_id, precision="int8")`: when the int8 model is cached, the checkpoint file is
+    only hashed to find it, its torch weights are not read (seconds saved on every run of a ViT-B)."""
+    from sslam_core.checkpoints import _reader, _sha256, resolve
+
+    path = resolve(path_or_id)
+    if path.suffix.lower() != ".onnx":
+        try:
+            _, weights = _reader(path)
+        except CheckpointError:
+            weights = None  # read_checkpoint below says what is wrong with it
+        cached = _int8_file(_sha256(weights), teacher) if weights is not None else None
+        if cached is not None and cached.is_file():
+            return model_from_checkpoint(read_checkpoint(cached, allow_onnx=True), device)
+    return int8_model(read_checkpoint(path, teacher, allow_onnx=True), device)
+
+
 __all__ = [
     "EXPORT_MODULES",
     "FP32_TOLERANCE",
@@ -250,5 +272,6 @@ __all__ = [
     "int8_checkpoint",
     "int8_model",
     "int8_path",
+    "load_int8",
     "quantize_int8",
 ]

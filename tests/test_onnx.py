@@ -224,6 +224,11 @@ def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
         raise AssertionError("the cached int8 model should be reused")
 
     monkeypatch.setattr(onnx_export, "export_checkpoint", no_export)
+    from sslam_core import checkpoints
+
+    with monkeypatch.context() as m:  # a cached int8 model is found by hash: the weights stay unread
+        m.setattr(checkpoints, "torch_load", no_export)
+        assert load_model(FINETUNED, precision="int8").checkpoint_info["source"] == str(cached)
     again = load_model(FINETUNED, precision="int8")
     assert load_model_or_fail(str(FINETUNED), torch.device("cpu"), precision="int8").precision == "int8"
     x = torch.randn(2, 1, 256, 128, generator=torch.Generator().manual_seed(2))
