@@ -1,4 +1,5 @@
-"""One interface over labelled audio sets (labels.csv, AudioSet, fairseq, ESC-50, DCASE); audio listing."""
+"""One interface over labelled audio sets (labels.csv, AudioSet, fairseq, ESC-50, DCASE, tar shards);
+audio listing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sslam_core.label_formats import (
     AUDIO_EXTENSIONS,
     DatasetError,
     Parsed,
+    Record,
     read_audioset,
     read_esc50,
     read_labels_csv,
@@ -21,6 +23,7 @@ from sslam_core.label_formats import (
     read_manifest,
     read_strong,
 )
+from sslam_core.shards import is_shard_spec, read_shard_labels
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -35,7 +38,9 @@ __all__ = [
 
 @dataclass
 class Example:
-    """One audio clip with its class indices; offset/duration in seconds when only part of a file is meant."""
+    """One audio clip with its class indices; offset/duration in seconds when only part of a file is
+    meant. `path` names it; `member` is what to decode when that is not a file of its own (a
+    `shards.TarMember`, or a `shards.Unreadable` that reports why it cannot be read)."""
 
     path: str
     labels: list[int]
@@ -43,10 +48,16 @@ class Example:
     duration: float | None = None
     fold: int | None = None
     key: str = ""
+    member: object = None
 
     def __post_init__(self) -> None:
         if not self.key:
             self.key = os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def source(self):
+        """What the inference pipeline decodes: the tar member, else the path."""
+        return self.member if self.member is not None else self.path
 
 
 @dataclass
@@ -94,7 +105,9 @@ def _first_line(path: str) -> str:
 
 
 def _detect(spec: str) -> tuple[str, str]:
-    """Return (format, file) for a dataset folder or label file."""
+    """Return (format, file) for a dataset folder, label file or tar shard spec."""
+    if is_shard_spec(spec):
+        return "shards", spec
     if os.path.isdir(spec):
         for name, fmt in (("labels.csv", "labels_csv"), (os.path.join("meta", "esc50.csv"), "esc50")):
             if os.path.isfile(os.path.join(spec, name)):
@@ -126,6 +139,7 @@ READERS = {
     "strong": read_strong,
     "manifest": read_manifest,
     "audioset": read_audioset,
+    "shards": read_shard_labels,
 }
 
 
@@ -148,10 +162,10 @@ def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -
     elif parsed.classes is not None:
         class_list = parsed.classes
     else:
-        names = sorted({label for r in records for label in r.labels}, key=_numeric_first)
-        class_list = [(name, name) for name in names]
-    lookup = {name: i for i, (_, name) in enumerate(class_list)}
+        class_list = _found_classes(records, spec)
+    lookup: dict[str | int, int] = {name: i for i, (_, name) in enumerate(class_list)}
     lookup.update({cid: i for i, (cid, _) in enumerate(class_list)})
+    lookup.update({i: i for i in range(len(class_list))})  # class indices (tar shards' key.cls)
     if multilabel is None:
         multilabel = parsed.multilabel if parsed.multilabel is not None else False
         multilabel = multilabel or any(len(r.labels) != 1 for r in records)
@@ -168,13 +182,32 @@ def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -
             missing.append(r.listed)
             continue
         indices = sorted({lookup[label] for label in r.labels})
-        examples.append(Example(r.path, indices, r.offset, r.duration, r.fold, r.key))
+        examples.append(Example(r.path, indices, r.offset, r.duration, r.fold, r.key, r.source))
+    # unreadable samples of tar shards: kept, so that they are reported where undecodable files are
+    examples += [Example(u.name, [], member=u) for u in parsed.extra.get("problems", ())]
     if records and not examples:
         raise DatasetError(
             f"{spec}: none of the {len(records)} listed clips has audio under {parsed.root}"
             f" (e.g. {missing[0]}); pass --audio-dir"
         )
     return LabelledSet(examples, class_list, multilabel, missing, parsed.naming, parsed.root)
+
+
+def _found_classes(records: Sequence[Record], spec: str) -> list[tuple[str, str]]:
+    """The class list of a set that defines none: its label names (numbers first, in order), or for
+    integer class indices (tar shards' key.cls) the classes 0..max named by their index."""
+    names = {label for r in records for label in r.labels if isinstance(label, str)}
+    indices = {label for r in records for label in r.labels if isinstance(label, int)}
+    if indices and names:
+        raise DatasetError(
+            f"{spec}: labels mix class indices ({min(indices)}, ...) and names ({sorted(names)[0]!r}, ...);"
+            " give a class list to map the indices"
+        )
+    if indices:
+        if min(indices) < 0:
+            raise DatasetError(f"{spec}: negative class index {min(indices)}")
+        return [(str(i), str(i)) for i in range(max(indices) + 1)]
+    return [(name, name) for name in sorted(names, key=_numeric_first)]
 
 
 def read_labelled(
@@ -187,7 +220,9 @@ def read_labelled(
     """Read any supported labelled set, detecting the format from the path.
 
     Formats: a folder with labels.csv (or that csv), ESC-50 (folder with meta/esc50.csv), AudioSet segment
-    csv + audio_dir, fairseq .tsv/.lbl manifests, DCASE strong-label .tsv/.txt. `classes` imposes a class
+    csv + audio_dir, fairseq .tsv/.lbl manifests, DCASE strong-label .tsv/.txt, tar shards in the
+    WebDataset layout (a .tar, a brace pattern or a .txt shard list; labels from key.cls / key.json,
+    see `shards.sample_labels`; an integer label is a class index into `classes`). `classes` imposes a class
     list (e.g. the training set's); `folds` keeps only those folds (ESC-50); `multilabel` overrides the guess
     (any clip with other than one label makes a set multi-label).
     """

@@ -175,9 +175,9 @@ def class_columns(
 
 
 def _source(example, skipped: list[str]):
-    """A path, or the decoded part of a file when the example names an offset."""
+    """A path (or tar member), or the decoded part of a file when the example names an offset."""
     if example.offset is None:
-        return example.path
+        return example.source
     try:
         wave = load_audio(example.path, 16000)
     except AudioError as e:

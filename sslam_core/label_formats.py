@@ -32,6 +32,7 @@ class Record:
     offset: float | None = None
     duration: float | None = None
     fold: int | None = None
+    source: object = None  # what to decode when not the path itself: a tar member (sslam_core.shards)
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Parsed:
     multilabel: bool | None = None
     naming: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text: bytes of a file name that are not UTF-8 (held by Python as lone
+    surrogates) become `\\xNN` escapes, so that the name can be printed, written to JSON / CSV and
+    stored in HDF5; the file itself is still read by its real path."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def stem(path: str) -> str:

@@ -1,4 +1,4 @@
-"""Training data: random crops of 16 kHz waveforms, from audio files or packed HDF5 shards.
+"""Training data: random crops of 16 kHz waveforms, from audio files, tar shards or packed HDF5 shards.
 
 Datasets return raw wave crops (cheap, in DataLoader workers); `AudioBatches` turns a list of them into
 the model input on the training device in one batched fbank call, padding short clips in the log-mel
@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -30,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sslam_core.audio import AudioError, load_audio
+
+if TYPE_CHECKING:
+    from sslam_core.inference import AudioSource
 
 SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 160
@@ -126,27 +130,41 @@ class ClipDataset(Dataset, ABC):
         raise AudioError(self.path(index), f"this and the next {MAX_SUBSTITUTES - 1} clips are unreadable")
 
 
+def load_source(source: str | os.PathLike | AudioSource) -> torch.Tensor:
+    """The whole 16 kHz mono wave of a path or of a self-decoding source (a tar member); AudioError
+    when it cannot be decoded."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_audio(source, SAMPLE_RATE)
+    parts = list(source.blocks(60.0))
+    if not parts:
+        raise AudioError(source.name, "contains no samples")
+    return torch.cat(parts)
+
+
 class WaveformDataset(ClipDataset):
-    """Audio files decoded to 16 kHz mono, randomly cropped to `target_length` frames' worth of samples."""
+    """Audio decoded to 16 kHz mono, randomly cropped to `target_length` frames' worth of samples. The
+    inputs are paths, or sources such as tar members (`shards.TarMember`, which reads its bytes by
+    offset in whichever DataLoader worker asks for it)."""
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike],
+        paths: Sequence[str | os.PathLike | AudioSource],
         target_length: int = 1024,
         random_crop: bool = True,
         labels: Sequence | None = None,
     ):
-        self.paths = [os.fspath(p) for p in paths]
+        self.paths = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]
         super().__init__(target_length, random_crop, labels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def path(self, index: int) -> str:
-        return self.paths[index]
+        source = self.paths[index]
+        return source if isinstance(source, str) else source.name
 
     def read(self, index: int, seed: int) -> torch.Tensor:
-        wave = load_audio(self.paths[index], SAMPLE_RATE)
+        wave = load_source(self.paths[index])
         wanted = crop_samples(self.target_length)
         start = crop_start(wave.shape[0], wanted, seed, index, self.random_crop)
         return wave[start : start + wanted].clone()
@@ -245,16 +263,26 @@ def open_audio_dataset(
     random_crop: bool = True,
     recursive: bool = True,
 ) -> ClipDataset:
-    """PackedDataset for packed folders, WaveformDataset over `list_audio(paths)` otherwise."""
+    """PackedDataset for packed folders, else WaveformDataset over the audio of `paths`: files,
+    folders and lists (`list_audio`) and tar shard specs (their members, read by offset; unreadable
+    ones are kept and reported as skipped when drawn, like bad files). A DatasetError naming the first
+    problem when nothing at all is readable."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     packed = [is_packed(p) for p in paths]
     if all(packed):
         return PackedDataset(paths, target_length, random_crop)
     if any(packed):
         raise ValueError("mix of packed folders and audio files; pack them all or pass none packed")
-    from sslam_core.datasets import list_audio
+    from sslam_core.datasets import DatasetError, list_audio
+    from sslam_core.shards import Unreadable, is_shard_spec, shard_sources
 
-    return WaveformDataset(list_audio(paths, recursive=recursive), target_length, random_crop)
+    sources: list = []
+    for item in map(os.fspath, paths):
+        sources += shard_sources(item) if is_shard_spec(item) else list_audio([item], recursive=recursive)
+    problems = [s for s in sources if isinstance(s, Unreadable)]
+    if problems and len(problems) == len(sources):
+        raise DatasetError(f"{problems[0].name}: {problems[0].reason}")
+    return WaveformDataset(sources, target_length, random_crop)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,6 +504,7 @@ __all__ = [
     "shard_indices",
     "ClipDataset",
     "WaveformDataset",
+    "load_source",
     "PackedDataset",
     "read_index",
     "is_packed",
