@@ -404,7 +404,8 @@ def read_shards(spec: str) -> list[ShardIndex]:
 
 
 def shard_sources(spec: str) -> list[ShardSource]:
-    """Every clip of the shards a spec names, in shard then member order (problems in their place)."""
+    """Every clip of the shards a spec names, in shard then member order; a shard's problems follow
+    its clips (samples without audio, then a damaged header or an unreadable shard)."""
     return [source for index in read_shards(spec) for source in index.sources()]
 
 
