@@ -264,9 +264,16 @@ class ShardIndex:
     shard: str
     samples: list[Sample] = field(default_factory=list)
     fields: dict[str, dict[str, TarMember]] = field(default_factory=dict)  # key -> {"json": ..., "cls": ...}
+    _by_name: dict[str, ShardSource] = field(default_factory=dict, repr=False)
 
     def sources(self) -> list[ShardSource]:
         return [s.source for s in self.samples]
+
+    def find(self, name: str) -> ShardSource | None:
+        """The sample source named `name` (`SHARD/MEMBER`, or the shard for its own problems)."""
+        if len(self._by_name) != len(self.samples):
+            self._by_name = {s.source.name: s.source for s in self.samples}
+        return self._by_name.get(printable(name))
 
 
 def split_key(member: str) -> tuple[str, str]:
@@ -418,17 +425,13 @@ def member_by_name(name: str) -> TarMember | None:
         shard, member = name[: match.start() + len(TAR_SUFFIX)], name[match.end() :]
         if not os.path.isfile(shard):
             continue
-        index = cached_index(shard)
+        source = cached_index(shard).find(name)
+        if isinstance(source, TarMember):
+            return source
+        if isinstance(source, Unreadable):
+            raise AudioError(name, source.reason)
         if not member:
-            bad = next((s.source for s in index.samples if s.source.name == printable(shard)), None)
-            reason = bad.reason if isinstance(bad, Unreadable) else "a tar shard, not one audio file"
-            raise AudioError(name, reason)
-        for sample in index.samples:
-            source = sample.source
-            if isinstance(source, TarMember) and source.member == member:
-                return source
-            if isinstance(source, Unreadable) and source.name == printable(name):
-                raise AudioError(name, source.reason)
+            raise AudioError(name, "a tar shard, not one audio file")
         raise AudioError(name, f"no audio member {printable(member)!r} in {printable(shard)}")
     return None
 

@@ -167,6 +167,17 @@ def test_names_read_back_through_the_shard(corpus):
         load_audio(str(corpus / "shards" / "digits-001.tar"))
 
 
+def test_pyav_decodes_members_like_files(tmp_path):
+    pytest.importorskip("av")
+    from sslam_core.audio import _av_blocks
+
+    mp3 = DATA / "acoustic_scene_2s.mp3"
+    shard = make_tar(tmp_path / "s.tar", [("scene.mp3", mp3.read_bytes())])
+    member = index_shard(str(shard)).samples[0].source
+    (rate, a), (same, b) = _av_blocks(member), _av_blocks(mp3)
+    assert rate == same and torch.equal(torch.cat(list(a)), torch.cat(list(b)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Commands
 
