@@ -154,7 +154,7 @@ class AudioFile(Protocol):
 AudioInput = str | os.PathLike | AudioFile
 
 
-def _resolve(path: AudioInput) -> AudioInput:
+def resolve_input(path: AudioInput) -> AudioInput:
     """A name `SHARD.tar/MEMBER` that is no file on disk stands for that member of the shard, so that
     the names stored in outputs, label sets and split files read their audio back; a shard itself is
     refused with the reason (see `shards.member_by_name`)."""
@@ -379,7 +379,7 @@ def _av_available() -> bool:
 def audio_info(path: AudioInput) -> tuple[int, int, int, float]:
     """(sample_rate, num_frames, channels, duration_s) from the header, without decoding the samples.
     `path` may also be an `AudioFile` (a tar member) or a `SHARD.tar/MEMBER` name."""
-    path = _resolve(path)
+    path = resolve_input(path)
     name = _name(path)
     if _backend(path) == "soundfile":
         target = _target(path)
@@ -423,7 +423,7 @@ def stream_audio(
 ) -> Iterator[torch.Tensor]:
     """Yield 1-D float32 mono blocks at sample_rate; memory stays bounded however long the file is.
     `path` may also be an `AudioFile` (a tar member) or a `SHARD.tar/MEMBER` name."""
-    path = _resolve(path)
+    path = resolve_input(path)
     rate, blocks = _open_blocks(path, block_seconds)
     resampler = StreamingResampler(rate, sample_rate)
     block_out = max(1, int(block_seconds * sample_rate))
@@ -452,7 +452,7 @@ def stream_audio(
 def load_audio(path: AudioInput, sample_rate: int = 16000) -> torch.Tensor:
     """Decode a whole file to 1-D float32 mono at sample_rate (channels averaged, then resampled).
     `path` may also be an `AudioFile` (a tar member) or a `SHARD.tar/MEMBER` name."""
-    path = _resolve(path)
+    path = resolve_input(path)
     rate, blocks = _open_blocks(path, 60.0)
     parts = list(blocks)
     x = torch.cat(parts) if parts else torch.zeros(0)

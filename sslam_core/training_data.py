@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sslam_core.audio import AudioError, load_audio
+from sslam_core.audio import AudioError, load_audio, resolve_input
 
 if TYPE_CHECKING:
     from sslam_core.inference import AudioSource
@@ -141,10 +141,22 @@ def load_source(source: str | os.PathLike | AudioSource) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _source(path: str | os.PathLike | AudioSource) -> str | AudioSource:
+    """A path as a string, a `SHARD.tar/MEMBER` name as its TarMember (the shard indexed once here,
+    not again in every DataLoader worker), any other source as it is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    try:
+        found = resolve_input(path)
+    except AudioError:  # reading it will report why
+        return os.fspath(path)
+    return os.fspath(found) if isinstance(found, (str, os.PathLike)) else found
+
+
 class WaveformDataset(ClipDataset):
     """Audio decoded to 16 kHz mono, randomly cropped to `target_length` frames' worth of samples. The
     inputs are paths, or sources such as tar members (`shards.TarMember`, which reads its bytes by
-    offset in whichever DataLoader worker asks for it)."""
+    offset in whichever DataLoader worker asks for it; their `SHARD.tar/MEMBER` names work too)."""
 
     def __init__(
         self,
@@ -153,7 +165,7 @@ class WaveformDataset(ClipDataset):
         random_crop: bool = True,
         labels: Sequence | None = None,
     ):
-        self.paths = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]
+        self.paths = [_source(p) for p in paths]
         super().__init__(target_length, random_crop, labels)
 
     def __len__(self) -> int:

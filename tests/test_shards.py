@@ -161,6 +161,8 @@ def test_index_groups_members_by_key_and_reads_by_offset(corpus):
 def test_names_read_back_through_the_shard(corpus):
     name = str(corpus / "shards" / "digits-001.tar" / "2_jackson_0.wav")
     assert torch.equal(load_audio(name), load_audio(FSDD / "2_jackson_0.wav"))
+    dataset = WaveformDataset([name, str(FSDD / "0_george_0.wav")], target_length=64)
+    assert isinstance(dataset.paths[0], TarMember) and dataset.path(0) == name  # indexed once, here
     with pytest.raises(AudioError, match="no audio member 'gone.wav'"):
         load_audio(str(corpus / "shards" / "digits-001.tar" / "gone.wav"))
     with pytest.raises(AudioError, match="a tar shard, not one audio file"):
