@@ -386,8 +386,8 @@ def index_shard(path: str) -> ShardIndex:
             problem(f"{path}/{name}", f"not audio (sample {printable(key)!r} has no audio member)", key)
     if broken and not cut:
         problem(path, broken)
-    if not members:
-        problem(path, "shard holds no members")
+    if not index.samples:  # a tar of folders only, say
+        problem(path, "shard holds no members" if not members else "shard holds no audio members")
     return index
 
 
