@@ -1,9 +1,12 @@
 """Batched inference over audio files of any length: decode, cut windows, fbank on the device, encode.
 
 Every command that runs a model over files (`tag`, `extract`, `eval`, the HEAR module) goes through
-`run_windows`: files are decoded by worker threads, cut into windows of `target_length` frames,
-batched across files, turned into model input on the device and encoded in one forward pass per
-batch. Results come back per file, in input order, with per-file errors instead of exceptions.
+`run_windows`: files are decoded by worker processes (`decode_workers`), cut into windows of
+`target_length` frames, batched across files, turned into model input and encoded in one forward
+pass per batch. Results come back per file, in input order, with per-file errors instead of
+exceptions. On a GPU the fbank of a batch is computed there in one go; on CPU each window's fbank is
+computed where it was decoded (a worker process: off the model's cores), so that the results do not
+depend on how files were decoded or batched.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sslam_core.audio import AudioError, audio_info, resample, stream_audio
+from sslam_core.decode_workers import TaskFailed, ordered_map
 from sslam_core.frontend import prepare_input
 from sslam_core.model import FREQ_PATCHES, Classifier
 
@@ -104,12 +108,14 @@ def window_warning(model: nn.Module, frames: int) -> str | None:
 
 @dataclass
 class Window:
-    """One model input cut from a file: its wave and where it starts."""
+    """One model input cut from a file: its wave and where it starts; on CPU, `input` is its model
+    input (1, 1, T, 128), computed where it was decoded, and `wave` is then dropped (None)."""
 
     file: int
     index: int
     start_frame: int
-    wave: Tensor
+    wave: Tensor | None
+    input: Tensor | None = None
 
 
 @dataclass
@@ -288,47 +294,189 @@ def _is_long(source: Source) -> bool:
         return False
 
 
-def _decoded(
-    sources: list[Source], names: list[str], window: int, hop: int, workers: int
-) -> Iterator[tuple[int, FileWindows | FileResult]]:
-    """Files in order, decoded up to 2 x `workers` files ahead by threads (long files are streamed
-    lazily by the consumer instead). This is each file's error boundary: whatever goes wrong while
-    opening, decoding, resampling or cutting one file (any Exception, a missing optional module
-    included) becomes that file's FileResult, and the other files go on."""
+def _in_memory(source: Source) -> bool:
+    """A waveform already in this process: nothing to decode, only to resample and cut."""
+    return _in_memory(source.source) if isinstance(source, Shifted) else isinstance(source, tuple)
 
-    def job(i: int) -> FileWindows | FileResult:
+
+Features = tuple[int, str | tuple[float, float]]  # (target_length, normalization) of model inputs
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Decode and cut one file, and with `features`, compute each window's model input; None for a
+    long file (the consumer streams it). This is each file's error boundary: whatever goes wrong
+    while opening, decoding, resampling or cutting one file (any Exception, a missing optional module
+    included) becomes that file's FileResult, and the other files go on. It pickles, so that it can
+    run in worker processes."""
+
+    window: int
+    hop: int
+    features: Features | None
+
+    def prepared(self, w: Window) -> Window:
+        if self.features is not None and w.wave is not None:
+            target_length, norm = self.features
+            w.input, w.wave = prepare_input([w.wave], target_length=target_length, norm=norm), None
+        return w
+
+    def __call__(self, task: tuple[int, Source, str]) -> FileWindows | FileResult | None:
+        i, source, name = task
         try:
-            return cut_windows(sources[i], i, window, hop, lazy=_is_long(sources[i]), name=names[i])
+            if _is_long(source):
+                return None
+            out = cut_windows(source, i, self.window, self.hop, name=name)
+            out.windows = [self.prepared(w) for w in out.windows]
+            return out
         except Exception as e:  # the per-file error boundary (see the docstring)
-            return _error(names[i], e)
+            return _error(name, e)
 
-    if workers <= 1:
-        for i in range(len(sources)):
-            yield i, job(i)
-        return
+
+@dataclass(frozen=True)
+class _Packed:
+    """A decoded file on its way back from a worker process: numpy arrays pickle through the pipe,
+    where tensors would go through one shared-memory file each."""
+
+    path: str
+    samples: int
+    windows: list[tuple[int, int, object, object]]  # (index, start frame, wave, input); arrays or None
+
+    @staticmethod
+    def pack(item: FileWindows | FileResult | None) -> _Packed | FileResult | None:
+        if not isinstance(item, FileWindows):
+            return item
+        arrays = [
+            (w.index, w.start_frame, *(None if t is None else t.numpy() for t in (w.wave, w.input)))
+            for w in item.windows
+        ]
+        return _Packed(item.path, item.samples, arrays)
+
+    def unpack(self, file: int) -> FileWindows:
+        windows = [
+            Window(file, k, start, *(None if a is None else torch.from_numpy(a) for a in (wave, x)))
+            for k, start, wave, x in self.windows
+        ]
+        return FileWindows(self.path, windows, self.samples)
+
+
+@dataclass(frozen=True)
+class _InWorker:
+    """`job` as a worker process runs it: its result packed for the pipe."""
+
+    job: _Decode
+
+    def __call__(self, task: tuple[int, Source, str]) -> _Packed | FileResult | None:
+        return _Packed.pack(self.job(task))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch ops on one core for the block: decoding and the fbank round the same way in this process
+    as in a worker process (more intra-op threads may split a matmul differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_line(job: _Decode, tasks: list[tuple[int, Source, str]]) -> Iterator:
+    for task in tasks:
+        with _one_thread():
+            out = job(task)
+        yield out
+
+
+def _lazily(job: _Decode, windows: Iterable[Window]) -> Iterator[Window]:
+    """A streamed file's windows, each decoded and prepared on one core (see `_one_thread`)."""
+    stream = iter(windows)
+    while True:
+        with _one_thread():
+            w = next(stream, None)
+            if w is None:
+                return
+            w = job.prepared(w)
+        yield w
+
+
+def _threaded(job: _Decode, tasks: list[tuple[int, Source, str]], workers: int) -> Iterator:
+    """`job` over `tasks` in order by `workers` threads, up to 2 x `workers` ahead."""
     pool = ThreadPoolExecutor(workers)
     try:
-        pending: list[tuple[int, Future]] = []
+        pending: list[Future] = []
         nxt = 0
-        while nxt < len(sources) or pending:
-            while nxt < len(sources) and len(pending) < 2 * workers:
-                pending.append((nxt, pool.submit(job, nxt)))
+        while nxt < len(tasks) or pending:
+            while nxt < len(tasks) and len(pending) < 2 * workers:
+                pending.append(pool.submit(job, tasks[nxt]))
                 nxt += 1
-            i, fut = pending.pop(0)
-            yield i, fut.result()
+            yield pending.pop(0).result()
     finally:  # also when the consumer stops early (an interrupted run): drop the files not started
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _processed(job: _Decode, tasks: list[tuple[int, Source, str]], workers: int) -> Iterator:
+    """`job` over `tasks` in order by `workers` processes; a file whose process died is skipped."""
+    with closing(ordered_map(_InWorker(job), tasks, min(workers, len(tasks)))) as results:
+        for (i, _, name), out in zip(tasks, results, strict=False):
+            if isinstance(out, TaskFailed):
+                yield FileResult(name, error=f"{name}: {out.reason}")
+            else:
+                yield out.unpack(i) if isinstance(out, _Packed) else out
+
+
+def _decoded(
+    sources: list[Source],
+    names: list[str],
+    window: int,
+    hop: int,
+    workers: int,
+    processes: bool | None = None,
+    features: Features | None = None,
+) -> Iterator[tuple[int, FileWindows | FileResult]]:
+    """Files in order, decoded up to 2 x `workers` files ahead by `workers` processes (`processes`;
+    None: unless every source is a waveform in memory already) or threads (one: in line); long
+    files are streamed lazily by the consumer instead. Each file's errors stay its own (`_Decode`)."""
+    job = _Decode(window, hop, features)
+    tasks = [(i, s, names[i]) for i, s in enumerate(sources)]
+    if processes is None:
+        processes = not all(_in_memory(s) for s in sources)
+    if processes and workers >= 1 and tasks:
+        results = _processed(job, tasks, workers)
+    elif workers > 1:  # threads: the model inputs are computed here, on one core
+        results = _threaded(_Decode(window, hop, None), tasks, workers)
+    else:
+        results = _in_line(job, tasks)
+    with closing(results):
+        for (i, source, name), item in zip(tasks, results, strict=False):
+            if item is None:  # a long file: streamed here, its errors caught by the consumer
+                try:
+                    item = cut_windows(source, i, window, hop, lazy=True, name=name)
+                except Exception as e:
+                    item = _error(name, e)
+            if isinstance(item, FileWindows):
+                item.windows = _lazily(job, item.windows)
+            yield i, item
 
 
 Head = Callable[[Tensor], dict[str, Tensor]]
 
 
 def default_batching(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
-    """Windows per forward pass and decoding threads: on CPU, batches of 4 (the most clips/s of a
-    ViT-B on 2 cores) and one decoding thread, so decoding does not steal the cores the model needs;
-    on GPU, batches of 32 and 4 threads to keep it fed."""
+    """Windows per forward pass and decoding processes: on CPU, batches of 4 (the most clips/s of a
+    ViT-B on 2 cores) and one decoding process (decoding and each window's fbank then run beside the
+    model, not between its batches); on GPU, batches of 32 and 4 processes to keep it fed."""
     cpu = torch.device(device).type == "cpu"
     return batch_size or (4 if cpu else 32), workers if workers is not None else (1 if cpu else 4)
+
+
+def _on_device(waves: list[Tensor], device: torch.device) -> list[Tensor]:
+    """`waves` on `device`; to a GPU as one pinned buffer copied without waiting."""
+    if device.type != "cuda":
+        return [w.to(device) for w in waves]
+    flat = torch.empty(sum(len(w) for w in waves), pin_memory=True)
+    torch.cat(waves, out=flat)
+    return list(flat.to(device, non_blocking=True).split([len(w) for w in waves]))
 
 
 def run_windows(
@@ -340,6 +488,7 @@ def run_windows(
     hop: int | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
+    processes: bool | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     normalization: str | tuple[float, float] = "audioset",
@@ -348,33 +497,56 @@ def run_windows(
 ) -> Iterator[FileResult]:
     """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
     per-window outputs (B, ...). Yields one FileResult per source, in order. `batch_size` and
-    `workers` default to what suits the device (see `default_batching`); `names` are how results
-    and messages refer to the sources (default: their paths). When `stop()` turns true
-    (a signal, see `interrupts`), the run ends before the next batch: the files finished so far have
-    been yielded, the rest are not."""
+    `workers` default to what suits the device (see `default_batching`); `workers` decode in
+    processes (0: in line), or in threads with `processes=False` and for sources that are all
+    waveforms in memory already (see `_decoded`). `names` are how results and messages refer to the
+    sources (default: their paths). When `stop()` turns true (a signal, see `interrupts`), the run
+    ends before the next batch: the files finished so far have been yielded, the rest are not, and
+    no decoding process is left behind. Results on CPU do not depend on `workers` or `processes`."""
     device = torch.device(device)
     batch_size, workers = default_batching(device, batch_size, workers)
     sources = list(sources)
     hop = hop or target_length
+    features = (target_length, normalization) if device.type == "cpu" else None
     results: dict[int, FileResult] = {}
     pending: dict[int, int] = {}  # file -> windows queued but not yet encoded
     decoding: set[int] = set()  # files whose windows are still being cut
     queue: list[Window] = []
+    in_flight: list[tuple[list[Window | None], dict[str, Tensor]]] = []  # launched, outputs not fetched
     next_out = 0
 
     def stopping() -> bool:
         return stop is not None and stop()
 
     def flush() -> None:
-        x = prepare_input([w.wave.to(device) for w in queue], target_length=target_length, norm=normalization)
+        """Encode the queued windows; on a GPU, their outputs are fetched after the next batch was
+        launched, so that it computes while this process gathers the batch after."""
+        if features is not None:  # computed per window where it was decoded
+            x = torch.cat([w.input for w in queue])
+        else:
+            waves = _on_device([w.wave for w in queue], device)
+            x = prepare_input(waves, target_length=target_length, norm=normalization)
         with torch.inference_mode(), autocast(device, precision):
-            out = {name: value.float().cpu() for name, value in head(x).items()}
-        for j, w in enumerate(queue):
-            for name, value in out.items():
-                # a copy, so that a kept row does not hold on to the whole batch's tensor
-                results[w.file].outputs.setdefault(name, []).append(value[j].clone())
-            pending[w.file] -= 1
+            out = head(x)
+        batch: list[Window | None] = list(queue)
         queue.clear()
+        complete()
+        in_flight.append((batch, out))
+        if device.type != "cuda":
+            complete()
+
+    def complete() -> None:
+        """The outputs of the batches in flight, row by row into their files' results."""
+        for windows, out in in_flight:
+            out = {name: value.float().cpu() for name, value in out.items()}
+            for j, w in enumerate(windows):
+                if w is None:  # its file broke after the batch was launched
+                    continue
+                for name, value in out.items():
+                    # a copy, so that a kept row does not hold on to the whole batch's tensor
+                    results[w.file].outputs.setdefault(name, []).append(value[j].clone())
+                pending[w.file] -= 1
+        in_flight.clear()
 
     def finished() -> Iterator[FileResult]:
         nonlocal next_out
@@ -384,37 +556,42 @@ def run_windows(
             next_out += 1
 
     names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
-    for i, item in _decoded(sources, names, target_length, hop, workers):
-        if stopping():
-            return
-        if isinstance(item, FileResult):
-            results[i] = item
+    decoded = _decoded(sources, names, target_length, hop, workers, processes, features)
+    with closing(decoded):  # ends the decoding processes however the run ends
+        for i, item in decoded:
+            if stopping():
+                return
+            if isinstance(item, FileResult):
+                results[i] = item
+                yield from finished()
+                continue
+            res = results[i] = FileResult(item.path)
+            decoding.add(i)
+            pending[i] = 0
+            try:
+                for w in item.windows:
+                    res.starts.append(w.start_frame)
+                    queue.append(w)
+                    pending[i] += 1
+                    if len(queue) == batch_size:
+                        if stopping():
+                            return
+                        flush()
+                        yield from finished()
+            except Exception as e:  # a streamed file broke part-way: drop what it queued
+                queue[:] = [w for w in queue if w.file != i]
+                for windows, _ in in_flight:
+                    windows[:] = [None if w is not None and w.file == i else w for w in windows]
+                results[i], pending[i] = _error(item.path, e), 0
+            else:
+                res.duration, res.frames = item.duration, num_frames(item.samples)
+            decoding.discard(i)
             yield from finished()
-            continue
-        res = results[i] = FileResult(item.path)
-        decoding.add(i)
-        pending[i] = 0
-        try:
-            for w in item.windows:
-                res.starts.append(w.start_frame)
-                queue.append(w)
-                pending[i] += 1
-                if len(queue) == batch_size:
-                    if stopping():
-                        return
-                    flush()
-                    yield from finished()
-        except Exception as e:  # a streamed file broke part-way: drop what it queued
-            queue[:] = [w for w in queue if w.file != i]
-            results[i], pending[i] = _error(item.path, e), 0
-        else:
-            res.duration, res.frames = item.duration, num_frames(item.samples)
-        decoding.discard(i)
-        yield from finished()
     if queue:
         if stopping():
             return
         flush()
+    complete()
     yield from finished()
 
 
