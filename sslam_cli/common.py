@@ -32,7 +32,10 @@ BatchSize = Annotated[
 Workers = Annotated[
     int | None,
     typer.Option(
-        "--workers", "-w", help="Threads decoding audio ahead of the model [default: 1 on CPU, 4 on GPU]."
+        "--workers",
+        "-w",
+        help="Processes decoding audio ahead of the model, 0 = in the main process [default: 1 on CPU, "
+        "4 on GPU].",
     ),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
