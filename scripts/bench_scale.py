@@ -1,0 +1,118 @@
+"""Corpus-scale inference benchmarks, one function per measurement (`--only NAME` runs some of them).
+
+overhead: the pipeline around the model: many short files (FSDD: ~3,000 wavs of ~0.4 s at 8 kHz)
+  through a tiny seeded encoder (one block, 0.64 s windows) with `embeddings.embed`, decoded in the
+  main process (in line, or by 2 threads) and by 1 and 2 worker processes. Prints files/s of each,
+  the ratio to the best single-process figure, the largest difference of the clip vectors from the
+  in-line run, the CPU capability, the cores and the load average (other work on the machine
+  slows every figure).
+
+    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--only overhead]
+
+Prints one JSON object at the end: {"machine": {...}, NAME: {...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslam_core.embeddings import embed
+from sslam_core.model import Encoder, preset
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def audio_files(root: Path, limit: int | None = None) -> list[str]:
+    """The audio files under `root`, sorted; the first `limit` of them."""
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"{root}: no .wav, .flac or .ogg files found")
+    return paths[:limit]
+
+
+def tiny_model(depth: int = 1, seed: int = 0) -> Encoder:
+    """The `tiny` preset cut to `depth` blocks, seeded: small enough that the pipeline shows."""
+    torch.manual_seed(seed)
+    return Encoder(preset("tiny", depth=depth)).eval()
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def measure_overhead(args: argparse.Namespace) -> dict:
+    """Files/s of the inference pipeline over short files: decoding in the main process vs in workers."""
+    paths = audio_files(args.data_root, args.files)
+    model = tiny_model(args.depth)
+    options = {"target_length": args.target_length, "batch_size": args.batch_size}
+    configs = {  # name -> (workers, processes)
+        "in_line": (1, False),
+        "threads_2": (2, False),
+        "processes_1": (1, True),
+        "processes_2": (2, True),
+    }
+    list(embed(model, paths[:64], workers=0, **options))  # warm-up
+    rates: dict[str, float] = {}
+    clips: dict[str, np.ndarray] = {}
+    for _ in range(args.rounds):  # interleaved rounds, best of each: other load comes and goes
+        for name, (workers, processes) in configs.items():
+            start = time.perf_counter()
+            recs = list(embed(model, paths, workers=workers, processes=processes, **options))
+            rates[name] = max(rates.get(name, 0.0), len(paths) / (time.perf_counter() - start))
+            clips[name] = np.stack([r.clip for r in recs])
+    single = max(rates["in_line"], rates["threads_2"])
+    out = {
+        "files": len(paths),
+        "model": f"tiny, {args.depth} block(s), {args.target_length}-frame windows",
+        "batch_size": args.batch_size,
+        "files_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratio_to_best_single_process": {k: round(v / single, 2) for k, v in rates.items()},
+        "max_abs_diff_from_in_line": {k: float(np.abs(v - clips["in_line"]).max()) for k, v in clips.items()},
+    }
+    print(f"{len(paths)} files, {out['model']}, batch {args.batch_size}:")
+    for name, rate in rates.items():
+        print(f"  {name:12s} {rate:8.1f} files/s  {rate / single:5.2f}x the best single-process figure")
+    return out
+
+
+MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {"overhead": measure_overhead}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_root", type=Path, help="folder searched for audio files (e.g. FSDD)")
+    parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), help="measurements to run [all]")
+    parser.add_argument("--files", type=int, help="use the first N files only [all]")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each [2]")
+    parser.add_argument("--depth", type=int, default=1, help="encoder blocks of the tiny model [1]")
+    parser.add_argument("--target-length", type=int, default=64, help="window in 10 ms frames [64]")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass [32]")
+    args = parser.parse_args()
+    results: dict = {"machine": machine()}
+    print(
+        f"CPU {results['machine']['cpu_capability']}, {results['machine']['cores']} cores, "
+        f"{results['machine']['torch_threads']} torch threads, load average "
+        f"{results['machine']['load_average_1min']} at the start"
+    )
+    for name in args.only or MEASUREMENTS:
+        results[name] = MEASUREMENTS[name](args)
+    results["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
