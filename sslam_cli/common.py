@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -86,7 +87,10 @@ def check_plot_output(path, flag: str = "--plot") -> None:
 
 
 def note(message: str) -> None:
-    """One plain-text line on stderr (a summary, a warning), never read as Rich markup."""
+    """One plain-text line on stderr (a summary, a warning), never read as Rich markup. Under
+    torchrun only rank 0 prints notes, which every rank would otherwise repeat."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     err_console.print(message, markup=False)
 
 
@@ -249,7 +253,37 @@ def cell(value) -> Text:
 
 
 def interrupted(stop, done: int, resumable: bool = True) -> NoReturn:
-    """After a SIGINT / SIGTERM was honoured: one line and the conventional exit status."""
+    """After a SIGINT / SIGTERM was honoured: one line and the conventional exit status. A torchrun
+    rank 0 that got no signal itself stops because another rank did: it says so, and exits 143."""
     hint = "; rerun with --resume to finish" if resumable else ""
+    if not stop.requested:
+        message = f"stopped: another rank was interrupted, after {done} file(s) here{hint}"
+        err_console.print(message, markup=False)
+        raise typer.Exit(143)
     note(f"interrupted ({stop.name}) after {done} file(s){hint}")
     raise typer.Exit(stop.exit_code)
+
+
+def exit_status(written: int, skipped: int) -> int:
+    """The exit status of a run over files: 2 when nothing was done, 1 when some files were skipped,
+    0 otherwise. Under torchrun a run that wrote its output ends 0 even with skipped files (they are
+    on stderr and in the output): torchrun reports any other status as a crash of the whole job."""
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK  # rank 0 reports on the whole run; an empty share is no failure
+    if not written:
+        return EXIT_USAGE
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return EXIT_SKIPPED if skipped and not launched else EXIT_OK
+
+
+def join_ranks(device: torch.device) -> torch.device:
+    """Join the other processes of a `torchrun` inference run (gloo) and return this process's
+    device (CUDA device LOCAL_RANK); the device as given in a single process."""
+    from sslam_core import distributed
+
+    if not distributed.launched():
+        return device
+    try:
+        return distributed.init_inference(device).device
+    except (RuntimeError, ValueError) as e:
+        fail(f"cannot join the other torchrun processes: {(str(e).splitlines() or [''])[0]}")

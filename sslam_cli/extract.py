@@ -9,9 +9,6 @@ import typer
 from tqdm import tqdm
 
 from sslam_cli.common import (
-    EXIT_OK,
-    EXIT_SKIPPED,
-    EXIT_USAGE,
     BatchSize,
     Device,
     Hop,
@@ -21,9 +18,11 @@ from sslam_cli.common import (
     check_precision,
     claim_resumable,
     err_console,
+    exit_status,
     fail,
     frames_or_fail,
     interrupted,
+    join_ranks,
     load_model_or_fail,
     note,
     parse_norm,
@@ -82,13 +81,20 @@ def extract(
         help="Seconds between frame vectors: 0.16, 0.08, 0.04, 0.02 or 0.01, each halving costs one more "
         "pass of the model [default: 0.16].",
     ),
+    compression: str = typer.Option(
+        "none", "--compression", help="HDF5 dataset compression: none, gzip (smaller) or lzf (faster)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Extract clip, per-time-step or patch embeddings of any layer to HDF5."""
+    """Extract clip, per-time-step or patch embeddings of any layer to HDF5.
+
+    Under `torchrun` each process takes a share of the files balanced by duration and rank 0 merges
+    them into the same file one process would write (see the README's "Large corpora")."""
     import sslam_core
+    from sslam_core import distributed
     from sslam_core.checkpoints import DEFAULT_ENCODER
     from sslam_core.embeddings import extract_to_h5, frame_shifts, granularities
-    from sslam_core.feature_store import StoreError
+    from sslam_core.feature_store import COMPRESSIONS, StoreError
     from sslam_core.inputs import collect_inputs
     from sslam_core.interrupts import StopRequest
     from sslam_core.outputs import OutputError
@@ -102,10 +108,12 @@ def extract(
         fail("--frame-hop sets the step of frame vectors: use it with --granularity frame or all")
     if output.suffix.lower() not in (".h5", ".hdf5"):
         fail(f"{output}: expected an .h5 or .hdf5 file")
+    if compression not in COMPRESSIONS:
+        fail(f"--compression {compression}: choose {', '.join(COMPRESSIONS)}")
     if norm is not None:
         parse_norm(norm)
     claim_resumable(output, overwrite, resume)
-    dev = pick_device(device)
+    dev = join_ranks(pick_device(device))
     precision = check_precision(precision, dev, int8=True)
     ckpt = checkpoint or DEFAULT_ENCODER
     model = load_model_or_fail(ckpt, dev, teacher=teacher, precision=precision)
@@ -137,7 +145,10 @@ def extract(
         "normalization": json.dumps(normalization),
         "version": sslam_core.__version__,
     }
-    bar = tqdm(total=len(inputs), unit="file", file=err_console.file)
+    bar = tqdm(total=len(inputs), unit="file", file=err_console.file, disable=not distributed.is_main())
+
+    def on_share(count: int) -> None:  # under torchrun, this rank's files
+        bar.reset(total=count)
 
     def on_file(rec) -> None:
         bar.update()
@@ -159,6 +170,7 @@ def extract(
                 hop=hop_frames,
                 resume=resume,
                 on_file=on_file,
+                on_share=on_share,
                 flush_files=flush_every,
                 stop=lambda: stop.requested,
                 frame_hop=frame_hop,
@@ -167,6 +179,7 @@ def extract(
                 device=dev,
                 precision=precision,
                 normalization=normalization,
+                compression=compression,
             )
     except StoreError as e:
         bar.close()
@@ -174,8 +187,10 @@ def extract(
     except OutputError as e:
         bar.close()
         fail(f"{e}; the finished files are kept in the journal, rerun with --resume once it is fixed")
-    bar.update(summary.resumed)
+    if not distributed.launched():
+        bar.update(summary.resumed)
     bar.close()
+    distributed.cleanup(sync=False)  # every rank has passed the last collective step
     if summary.interrupted:
         interrupted(stop, summary.resumed + summary.written)
     note(
@@ -183,6 +198,4 @@ def extract(
         + (f" ({summary.resumed} from the interrupted run)" if summary.resumed else "")
         + (f", skipped {len(summary.skipped)} (listed in 'errors')" if summary.skipped else "")
     )
-    if not summary.written:
-        raise typer.Exit(EXIT_USAGE)
-    raise typer.Exit(EXIT_SKIPPED if summary.skipped else EXIT_OK)
+    raise typer.Exit(exit_status(summary.written, len(summary.skipped)))

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,16 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
     return device
 
 
-def init_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Join the process group from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU)."""
+# Inference ranks meet only to share out the inputs and at the end, when one merges the others'
+# journals: ranks that finish early may wait for hours, which the default 30 min would not allow.
+INFERENCE_TIMEOUT = timedelta(days=7)
+
+
+def init_distributed(
+    device: str | torch.device | None = None, backend: str | None = None, timeout: timedelta | None = None
+) -> DistInfo:
+    """Join the process group from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU,
+    unless `backend` says otherwise: inference passes gloo, as it exchanges only Python objects)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -47,9 +60,38 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
         dist.init_process_group(
-            backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size
+            backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
         )
     return DistInfo(get_rank(), get_world_size(), local_rank, dev)
+
+
+def init_inference(device: str | torch.device | None = None) -> DistInfo:
+    """Join the ranks of a `torchrun` inference run (gloo, a week's timeout); a no-op single process."""
+    return init_distributed(device, backend="gloo", timeout=INFERENCE_TIMEOUT)
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def single_machine() -> bool:
+    """True when every rank runs on this machine (so a local temporary folder is shared by all)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) == int(
+        os.environ.get("WORLD_SIZE", "1")
+    )
+
+
+def gather_objects(obj: object, dst: int = 0) -> list | None:
+    """Every rank's `obj` in rank order on rank `dst` (None elsewhere); [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 def is_distributed() -> bool:
@@ -124,6 +166,23 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def on_main(fn: Callable[[], T]) -> T:
+    """`fn()` run by rank 0 alone, its result returned on every rank, or the exception it raised
+    raised on every rank (so that no rank waits for one that failed); `fn()` in a single process."""
+    if not is_distributed():
+        return fn()
+    outcome: tuple[bool, object] | None = None
+    if is_main():
+        try:
+            outcome = (True, fn())
+        except Exception as e:  # handed to every rank, raised there
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
+
+
 def cleanup(sync: bool = True) -> None:
     """Leave the process group (safe to call when none was joined).
 
@@ -142,6 +201,11 @@ __all__ = [
     "DistInfo",
     "resolve_device",
     "init_distributed",
+    "init_inference",
+    "launched",
+    "single_machine",
+    "gather_objects",
+    "on_main",
     "is_distributed",
     "get_rank",
     "get_world_size",

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from sslam_core import distributed
 from sslam_core.feature_store import FeatureStore, Record
 from sslam_core.inference import PATCH_FRAMES, FileResult, Shifted, Source, feature_head, run_windows
+from sslam_core.partition import my_share, report_done, wait_for_ranks
 
 GRANULARITIES = ("clip", "frame", "patch")
 FRAME_HOPS = (0.16, 0.08, 0.04, 0.02, 0.01)  # 160 ms / 1, 2, 4, 8, 16 passes, in whole 10 ms frames
@@ -45,6 +47,12 @@ def _passes(
         for k in shifts
     ]
     yield from zip(*streams, strict=False)  # shorter when stopped
+
+
+def _records(passes: list[FileResult], name: str, window: int, hop: int, keep) -> list[Record]:
+    """One file's Record from each pass; the shifted passes carry no patch tokens (see `_passes`)."""
+    shifted = tuple(g for g in keep if g != "patch")
+    return [to_record(r, name, window, hop, keep if k == 0 else shifted) for k, r in enumerate(passes)]
 
 
 def merge_shifted(records: list[Record], shifts: list[int]) -> Record:
@@ -135,24 +143,38 @@ def extract_to_h5(
     hop: int | None = None,
     resume: bool = False,
     on_file: Callable[[Record], None] | None = None,
+    on_share: Callable[[int], None] | None = None,
     flush_files: int = 256,
     stop: Callable[[], bool] | None = None,
     frame_hop: float | None = None,
+    compression: str = "none",
     **run_options,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
 
     `names` are the paths as stored in the file. Files already in an unfinished run's journal are
-    skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`. When
+    skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`;
+    `on_share(n)` says how many files this torchrun rank runs. When
     `stop()` turns true the files finished so far go to the journal and the HDF5 file is not written
     (`interrupted` in the summary); `resume=True` later finishes the rest. `frame_hop` (seconds, see
-    `frame_shifts`) gives frame vectors more often than every 160 ms.
+    `frame_shifts`) gives frame vectors more often than every 160 ms; `compression` (none, gzip, lzf)
+    applies to the HDF5 datasets.
+
+    Under `torchrun` every rank calls this with the same arguments: each runs its share of the files
+    not yet done (`partition.my_share`), and rank 0, once all have finished, merges the journal into
+    one file equal to a single process's (the summary of the others counts only their own files); a
+    rank stopped or killed leaves the output unwritten, to be finished with `resume=True` under any
+    number of ranks.
     """
     keep = granularities(granularity)
     hop = hop or target_length
     store = FeatureStore(Path(out), settings, keep, resume=resume, flush_files=flush_files)
     done = store.done() if resume else set()
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]
+    share = my_share([s for s, _ in todo])  # all of them in one process; a torchrun rank's part
+    todo = todo[share.start : share.stop]
+    if on_share is not None and distributed.get_world_size() > 1:
+        on_share(len(todo))
     shifts = frame_shifts(frame_hop)
     results = _passes(
         model,
@@ -168,15 +190,19 @@ def extract_to_h5(
     )
     finished = 0
     for (_, name), passes in zip(todo, results, strict=False):  # shorter when stopped
-        rec = merge_shifted([to_record(r, name, target_length, hop, keep) for r in passes], shifts)
+        rec = merge_shifted(_records(passes, name, target_length, hop, keep), shifts)
         store.add(rec)
         finished += 1
         if on_file:
             on_file(rec)
-    if finished < len(todo):
-        store.flush()
+    store.flush()
+    stopped = finished < len(todo)
+    report_done(store.parts, store.run, stopped, finished)
+    if stopped or not distributed.is_main():  # the other ranks leave the merge to rank 0
+        return ExtractSummary(finished, [], len(done), Path(out), interrupted=stopped)
+    if not wait_for_ranks(store.parts, store.run, stop):
         return ExtractSummary(finished, [], len(done), Path(out), interrupted=True)
-    written, skipped = store.finish(list(names))
+    written, skipped = store.finish(list(names), compression)
     return ExtractSummary(written, skipped, len(done), Path(out))
 
 
@@ -199,4 +225,4 @@ def embed(
     for passes in _passes(
         model, sources, layer, keep, shifts, target_length=target_length, hop=hop, **run_options
     ):
-        yield merge_shifted([to_record(r, r.path, target_length, hop, keep) for r in passes], shifts)
+        yield merge_shifted(_records(passes, passes[0].path, target_length, hop, keep), shifts)

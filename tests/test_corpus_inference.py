@@ -1,0 +1,159 @@
+"""Corpus-scale inference under `torchrun`: 2 CPU ranks (gloo) give the outputs of one process, and a
+rank killed mid-run is finished by `--resume` under another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sslam_core.partition import balanced_ranges
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "checkpoints"
+PRETRAIN = str(FIX / "tiny_pretrain.pt")
+FINETUNED = str(FIX / "tiny_finetuned.pt")
+DURATIONS = (0.5, 1.0, 2.5, 4.0, 0.3, 6.0)
+
+
+def sslam(*args: str, torchrun: int = 0, check: int | None = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)]
+    cmd = [*(launcher if torchrun else [sys.executable]), "-m", "sslam_cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """18 clips of mixed lengths (0.3 to 6 s) and one file that is not audio."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(18):
+        seconds = DURATIONS[i % len(DURATIONS)]
+        wave = 0.1 * rng.standard_normal(int(seconds * 16000)).astype(np.float32)
+        sf.write(folder / f"c{i:02d}.wav", wave, 16000)
+    (folder / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00not audio")
+    return folder
+
+
+def h5_contents(path: Path) -> tuple[dict, dict]:
+    items: dict = {}
+    with h5py.File(path) as h5:
+        h5.visititems(
+            lambda name, obj: items.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+        )
+        attrs = dict(h5.attrs)
+    return items, attrs
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    (da, aa), (db, ab) = h5_contents(a), h5_contents(b)
+    assert sorted(da) == sorted(db) and aa == ab
+    for name in da:
+        assert np.array_equal(da[name], db[name]), name
+
+
+def test_balanced_ranges_split_by_weight_not_count():
+    assert balanced_ranges([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
+    assert balanced_ranges([10, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]
+    assert balanced_ranges([1, 1], 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    shares = balanced_ranges([float(d) for d in DURATIONS * 3], 2)
+    assert shares[0].stop == shares[1].start and shares[1].stop == 18
+    totals = [sum((DURATIONS * 3)[i] for i in r) for r in shares]
+    assert abs(totals[0] - totals[1]) <= max(DURATIONS)
+
+
+def test_two_ranks_write_the_file_one_process_writes(corpus, tmp_path):
+    common = ["-c", PRETRAIN, "-g", "all", "--frame-hop", "0.08", "--compression", "gzip"]
+    single = tmp_path / "single.h5"
+    sslam("extract", str(corpus), "-o", str(single), *common, check=1)  # 1: a file was skipped
+    sharded = tmp_path / "sharded.h5"
+    proc = sslam("extract", str(corpus), "-o", str(sharded), *common, torchrun=2)  # 0 under torchrun
+    assert proc.stderr.count("skipped: bad.wav") == 1 and proc.stderr.count("wrote 18 file(s)") == 1
+    assert_same_h5(single, sharded)
+    with h5py.File(sharded) as h5:
+        assert h5["clip"].compression == "gzip" and h5["clip"].chunks[1] == h5["clip"].shape[1]
+        assert list(h5["errors/paths"].asstr()) == ["bad.wav"]
+    assert not Path(str(sharded) + ".parts").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def test_a_killed_rank_is_finished_by_resume_under_one_process(corpus, tmp_path):
+    common = ["-c", PRETRAIN, "-g", "clip", "--flush-every", "1"]
+    reference = tmp_path / "reference.h5"
+    sslam("extract", str(corpus), "-o", str(reference), *common, check=1)
+    out = tmp_path / "killed.h5"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run = subprocess.Popen(
+        [*launcher, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    parts = Path(str(out) + ".parts")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 3 and run.poll() is None:
+        time.sleep(0.05)
+    ranks = _children(run.pid)
+    assert run.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+    os.kill(max(ranks), signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode != 0 and not out.exists(), err[-2000:]
+    done = len(list(parts.glob("part-*.npz")))
+    assert 0 < done < 19
+    proc = sslam("extract", str(corpus), "-o", str(out), *common, "--resume", check=1)
+    assert f"({done} from the interrupted run)" in proc.stderr
+    assert_same_h5(reference, out)
+
+
+def test_resume_under_two_ranks_finishes_a_single_process_run(corpus, tmp_path):
+    common = ["-c", PRETRAIN, "-g", "frame", "--flush-every", "2"]
+    reference = tmp_path / "reference.h5"
+    sslam("extract", str(corpus), "-o", str(reference), *common, check=1)
+    out = tmp_path / "out.h5"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    parts = Path(str(out) + ".parts")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 2 and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-2000:]
+    proc = sslam("extract", str(corpus), "-o", str(out), *common, "--resume", torchrun=2)
+    assert "from the interrupted run" in proc.stderr
+    assert_same_h5(reference, out)
+
+
+def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
+    args = [str(corpus), "-c", FINETUNED, "--format", "json", "--top-k", "3"]
+    single = sslam("tag", *args, check=1).stdout
+    sharded = sslam("tag", *args, torchrun=2)
+    assert sharded.stdout == single and sharded.stderr.count("skipped: bad.wav") == 1
+    out = tmp_path / "tags.jsonl"
+    sslam("tag", *args, "-o", str(out), torchrun=2)
+    assert out.read_text() == single
+    assert [json.loads(line)["path"] for line in single.splitlines()] == [f"c{i:02d}.wav" for i in range(18)]
