@@ -36,6 +36,7 @@ from sslam_cli.common import (
     render,
     warn,
 )
+from sslam_cli.tag import EventThreshold, FrameScores, Median, MinDuration, MinGap, OffThreshold
 
 
 def evaluate(
@@ -90,10 +91,51 @@ def evaluate(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    strong: Path = typer.Option(
+        None,
+        "--strong",
+        help="DCASE strong labels (filename, onset, offset, event_label): score the events of `tag "
+        "--events` (event- and segment-based F1, PSDS) instead of clip tags; needs sslam[sed].",
+    ),
+    collar: float = typer.Option(0.2, "--collar", help="--strong: onset collar and least offset collar (s)."),
+    offset_collar_rate: float = typer.Option(
+        0.2, "--offset-collar-rate", help="--strong: offset collar as a share of the reference's length."
+    ),
+    segment_length: float = typer.Option(
+        1.0, "--segment-length", help="--strong: segment length (s) of the segment-based F1."
+    ),
+    event_threshold: EventThreshold = "0.5",
+    off_threshold: OffThreshold = None,
+    median: Median = 0.48,
+    min_duration: MinDuration = 0.16,
+    min_gap: MinGap = 0.32,
+    frame_scores: FrameScores = "window",
 ) -> None:
     """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-k accuracy (multi-class), with the
-    windowing of `sslam tag` (a clip's score is the maximum over its windows)."""
+    windowing of `sslam tag` (a clip's score is the maximum over its windows); with --strong, sound
+    events against strong labels."""
     from sslam_core.evaluation import EvaluationError, Predictions, per_class, summarize
+
+    if strong is not None:
+        from sslam_cli.evaluate_strong import evaluate_strong
+
+        others = {"--data": data, "--predictions": predictions, "--predictions-out": predictions_out,
+                  "--per-class": per_class_out, "--plot": plot, "--missing-out": missing_out,
+                  "--folds": folds, "--by-polyphony": by_polyphony or None}  # fmt: skip
+        given = [flag for flag, value in others.items() if value is not None]
+        if given:
+            fail(f"--strong evaluates events on its own files; leave out {', '.join(given)}")
+        _check_options(fmt, {"predictions": None, "plot": None}, window, hop, target_length, norm,
+                       batch_size, workers)  # fmt: skip
+        evaluate_strong(
+            checkpoint, strong, audio_dir, fmt,
+            {"collar": collar, "offset_collar_rate": offset_collar_rate, "segment_length": segment_length},
+            {"threshold": event_threshold, "off": off_threshold, "median": median,
+             "min_duration": min_duration, "min_gap": min_gap, "frame_scores": frame_scores},
+            {"window": window, "hop": hop, "target_length": target_length},
+            {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
+             "norm": norm},
+        )  # fmt: skip
 
     outputs = {
         "predictions": predictions_out,

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -42,7 +43,25 @@ from sslam_cli.common import (
 
 FORMATS = ("table", "json", "csv")
 CSV_HEADER = ["path", "scope", "start", "end", "rank", "label", "mid", "score"]
-EVENTS_PER_WINDOW = 4  # with --events and no --hop: windows every quarter window
+EVENTS_PER_WINDOW = 4  # with --events and no --hop: windows every quarter window (window frame scores)
+
+# The event options, shared with `sslam eval --strong` (which scores the events `tag --events` writes).
+EventThreshold = Annotated[
+    str, typer.Option(help="Score at which an event starts, or a CSV of LABEL,THRESHOLD per class.")
+]
+OffThreshold = Annotated[
+    float | None, typer.Option(help="Score below which it ends (hysteresis) [default: --event-threshold].")
+]
+Median = Annotated[float, typer.Option(help="Median filter of the step scores, in seconds.")]
+MinDuration = Annotated[float, typer.Option(help="Shorter events are dropped (s).")]
+MinGap = Annotated[float, typer.Option(help="Events of a class closer than this merge (s).")]
+FrameScores = Annotated[
+    str,
+    typer.Option(
+        help="window: each step the mean of the windows covering it; token: the head on each step's "
+        "tokens (mean-pooling classifiers; default --hop the window)."
+    ),
+]
 
 
 def tag(
@@ -91,17 +110,12 @@ def tag(
     events: bool = typer.Option(
         False, "--events", help="Detect sound events (onset, offset) from overlapping windows' scores."
     ),
-    event_threshold: str = typer.Option(
-        "0.5",
-        "--event-threshold",
-        help="Score at which an event starts, or a CSV of LABEL,THRESHOLD per class.",
-    ),
-    off_threshold: float = typer.Option(
-        None, "--off-threshold", help="Score below which it ends (hysteresis) [default: --event-threshold]."
-    ),
-    median: float = typer.Option(0.48, "--median", help="Median filter of the step scores, in seconds."),
-    min_duration: float = typer.Option(0.16, "--min-duration", help="Shorter events are dropped (s)."),
-    min_gap: float = typer.Option(0.32, "--min-gap", help="Events of a class closer than this merge (s)."),
+    event_threshold: EventThreshold = "0.5",
+    off_threshold: OffThreshold = None,
+    median: Median = 0.48,
+    min_duration: MinDuration = 0.16,
+    min_gap: MinGap = 0.32,
+    frame_scores: FrameScores = "window",
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --output / --plot files."),
     resume: bool = typer.Option(
         False, "--resume", help="Finish an interrupted run with --output without redoing finished files."
@@ -109,7 +123,7 @@ def tag(
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file."""
     from sslam_core.checkpoints import DEFAULT_TAGGER
-    from sslam_core.events import EVENT_FORMATS
+    from sslam_core.events import EVENT_FORMATS, tag_token_steps
     from sslam_core.inputs import collect_inputs
     from sslam_core.interrupts import StopRequest
     from sslam_core.labels import LabelError, read_label_csv
@@ -122,7 +136,7 @@ def tag(
     if fmt not in formats:
         fail(f"--format {fmt!r}: choose {', '.join(formats)}" + ("" if events else " (more with --events)"))
     if events:
-        _event_options(event_threshold, off_threshold, median, min_duration, min_gap, ())
+        event_options(event_threshold, off_threshold, median, min_duration, min_gap, (), frame_scores)
     if resume and output is None:
         fail("--resume continues a run written with --output FILE")
     if norm is not None:
@@ -147,10 +161,11 @@ def tag(
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
     detection = None
     if events:
-        detection = _event_options(event_threshold, off_threshold, median, min_duration, min_gap, names)
+        detection = event_options(event_threshold, off_threshold, median, min_duration, min_gap, names)
+        token_scores_or_fail(model, frame_scores)
     frames, hop_frames = frames_or_fail(model, window, hop)
     if events and hop is None:
-        hop_frames = max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
+        hop_frames = events_hop(frames, frame_scores)
     inputs = collect_inputs(paths, audio_dir)
     for problem in inputs.problems:
         warn(problem)
@@ -165,6 +180,8 @@ def tag(
     settings = {"inputs": inputs.names, "checkpoint": checkpoint or DEFAULT_TAGGER, "format": fmt}
     settings.update(top_k=top_k, threshold=threshold, timeline=timeline, window=frames, hop=hop_frames)
     settings.update(norm=norm, labels=str(labels) if labels else None, events=repr(detection))
+    if events and frame_scores != "window":
+        settings.update(frame_scores=frame_scores)
     journal = None
     if output is not None:
         header = _header(fmt)
@@ -189,7 +206,7 @@ def tag(
         total=len(inputs), initial=len(done), unit="file", disable=len(inputs) < 2, file=err_console.file
     )
     with StopRequest() as stop:
-        stream = run_tag(
+        stream = (tag_token_steps if events and frame_scores == "token" else run_tag)(
             model,
             [path for _, path, _ in todo],
             target_length=frames,
@@ -247,12 +264,13 @@ def tag(
     raise typer.Exit(EXIT_USAGE if not tagged else EXIT_SKIPPED if skipped else EXIT_OK)
 
 
-def _event_options(threshold: str, off, median, min_duration, min_gap, names):
+def event_options(threshold: str, off, median, min_duration, min_gap, names, frame_scores: str = "window"):
     """EventOptions from the flags. A CSV --event-threshold is read against the model's `names`; before
     the model is loaded (`names` empty) only the flags' values are checked."""
-    from pathlib import Path
+    from sslam_core.events import FRAME_SCORES, EventOptions, read_thresholds
 
-    from sslam_core.events import EventOptions, read_thresholds
+    if frame_scores not in FRAME_SCORES:
+        fail(f"--frame-scores {frame_scores!r}: choose {' or '.join(FRAME_SCORES)}")
 
     per_class, base = (), 0.5
     try:
@@ -266,6 +284,23 @@ def _event_options(threshold: str, off, median, min_duration, min_gap, names):
         return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
     except ValueError as e:
         fail(f"--events: {e}")
+
+
+def token_scores_or_fail(model, frame_scores: str) -> None:
+    """With --frame-scores token, one line saying why `model` cannot give them, if it cannot."""
+    from sslam_core.events import check_token_scores
+
+    if frame_scores == "token":
+        try:
+            check_token_scores(model)
+        except ValueError as e:
+            fail(f"--frame-scores token: {e}")
+
+
+def events_hop(frames: int, frame_scores: str) -> int:
+    """The default hop (frames) for events: a quarter window for window scores, the window for token
+    scores (each step is scored inside one window)."""
+    return frames if frame_scores == "token" else max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
 
 
 def _plot_paths(plot: Path, n: int) -> list[Path]:
@@ -305,9 +340,9 @@ def _header(fmt: str) -> str:
 
 
 def _events(res, names, detection):
-    from sslam_core.events import detect, step_scores
+    from sslam_core.events import detect, result_step_scores
 
-    starts, scores = step_scores(res.segments, res.duration, detection.step)
+    starts, scores = result_step_scores(res, detection.step)
     return detect(starts, scores, res.duration, names, detection)
 
 

@@ -8,6 +8,12 @@ only the step's neighbourhood lower the score where a sound stops: onsets and of
 where the windows disagree, while the max would stretch every event to the full width of the
 windows that contain it.
 
+Token frame scores (`frame_scores="token"`, for classifiers with mean pooling): the head applied to
+each 160 ms step's tokens (the mean of its frequency patches, through the same norm and linear layer
+that the clip's mean token goes through), so that one window gives a score per step; where windows
+overlap, a step's score is again the mean over the windows covering it. Window scores need windows
+much shorter than the events' spacing to place them; token scores place events inside one window.
+
 Events per class: active where the score reaches `threshold`, and (hysteresis) stays active until it
 falls below `off_threshold`; scores are first smoothed by a median filter of `median` seconds; events
 closer than `min_gap` seconds are merged and events shorter than `min_duration` dropped. An event's
@@ -20,9 +26,14 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from sslam_core.model import FREQ_PATCHES, Classifier
+from sslam_core.tagging import TagResult
 
 STEP_SECONDS = 0.16  # one time patch: the finest step at which windows can start
 
@@ -84,6 +95,85 @@ def step_scores(
         return starts, np.where(count[:, None] > 0, total / count[:, None], np.nan)
 
 
+FRAME_SCORES = ("window", "token")
+
+
+@dataclass
+class StepTagResult(TagResult):
+    """A TagResult with per-step scores from the tokens: `steps` holds (start, end, scores) per 160 ms
+    step of every window."""
+
+    steps: list[tuple[float, float, np.ndarray]] = field(default_factory=list)
+
+
+def check_token_scores(model: Classifier) -> None:
+    """A ValueError saying why `model` cannot give token frame scores (mean pooling, a PyTorch head)."""
+    from sslam_core.onnx_backend import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        raise ValueError("token frame scores need the PyTorch model (an ONNX export gives clip logits only)")
+    if model.cfg.pool != "mean":
+        raise ValueError(
+            f"token frame scores need a classifier with mean pooling; this one pools {model.cfg.pool!r}"
+            " (use window frame scores)"
+        )
+
+
+def _token_head(model: Classifier, multilabel: bool):
+    """Per-window clip scores ("scores", as `tagging.tag`) and per-step token scores ("steps")."""
+
+    def probabilities(logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits.float()) if multilabel else logits.float().softmax(dim=-1)
+
+    def head(x: Tensor) -> dict[str, Tensor]:
+        feats = model.features(x)
+        patches = feats[:, 1:]
+        B, N, D = patches.shape
+        steps = patches.reshape(B * (N // FREQ_PATCHES), FREQ_PATCHES, D).mean(dim=1)  # (B x T, D)
+        per_step = model.classify(steps).reshape(B, N // FREQ_PATCHES, -1)
+        return {"scores": probabilities(model.classify(feats)), "steps": probabilities(per_step)}
+
+    return head
+
+
+def tag_token_steps(
+    model: Classifier, sources, *, target_length: int, hop: int | None = None, multilabel: bool = True,
+    **run_options,
+):  # fmt: skip
+    """`tagging.tag` with token frame scores: yields StepTagResults (clip scores and window segments as
+    `tagging.tag` gives them, plus `steps`); `check_token_scores` says whether `model` can."""
+    from sslam_core.inference import run_windows
+
+    hop = hop or target_length
+    results = run_windows(
+        model, sources, _token_head(model, multilabel), target_length=target_length, hop=hop, **run_options
+    )
+    for res in results:
+        if res.error is not None:
+            yield StepTagResult(res.path, error=res.error)
+            continue
+        windows, steps = res.stacked("scores").numpy(), res.stacked("steps").numpy()
+        segments = [(a / 100.0, min((a + target_length) / 100.0, res.duration), s)
+                    for a, s in zip(res.starts, windows, strict=True)]  # fmt: skip
+        tokens = []
+        for a, row in zip(res.starts, steps, strict=True):
+            times = a / 100.0 + np.arange(len(row)) * STEP_SECONDS
+            tokens += [(t, min(t + STEP_SECONDS, res.duration), s)
+                       for t, s in zip(times, row, strict=True) if t < res.duration]  # fmt: skip
+        yield StepTagResult(res.path, res.duration, windows.max(axis=0), segments, steps=tokens)
+
+
+def result_step_scores(res: TagResult, step: float = STEP_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    """`step_scores` of a tag result: from its token steps when it has them, else from its windows."""
+    return step_scores(getattr(res, "steps", None) or res.segments, res.duration, step)
+
+
+def smoothed(scores: np.ndarray, options: EventOptions) -> np.ndarray:
+    """Step scores after the median filter of `options.median` seconds (what thresholds are applied to)."""
+    width = int(round(options.median / options.step)) | 1 if options.median > 0 else 1
+    return _median_filter(scores, width)
+
+
 def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
     """Running median over time (axis 0) of `width` steps (odd), edges padded with the edge values."""
     if width <= 1:
@@ -120,8 +210,7 @@ def detect(
 ) -> list[Event]:
     """Events of `classes` (default all) from step scores, sorted by onset then label."""
     own = dict(options.per_class)
-    width = int(round(options.median / options.step)) | 1 if options.median > 0 else 1
-    smooth = _median_filter(scores, width)
+    smooth = smoothed(scores, options)
     events: list[Event] = []
     for c in range(scores.shape[1]) if classes is None else classes:
         s = np.nan_to_num(smooth[:, c], nan=0.0)
