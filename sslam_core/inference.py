@@ -178,11 +178,12 @@ STREAM_SECONDS = 300.0  # files longer than this are cut while decoding, not dec
 
 
 def source_name(source: Source, i: int) -> str:
+    # paths and waveforms first: an isinstance check against a Protocol costs microseconds
+    if isinstance(source, str | tuple):
+        return source if isinstance(source, str) else f"<waveform {i}>"
     if isinstance(source, Shifted):
         return source_name(source.source, i)
-    if isinstance(source, AudioSource):
-        return source.name
-    return source if isinstance(source, str) else f"<waveform {i}>"
+    return source.name
 
 
 def _skip(blocks: Iterable[Tensor], samples: int) -> Iterator[Tensor]:
@@ -282,12 +283,12 @@ def _error(name: str, e: Exception) -> FileResult:
 
 
 def _is_long(source: Source) -> bool:
+    if isinstance(source, tuple):
+        return False
     if isinstance(source, Shifted):
         return _is_long(source.source)
-    if isinstance(source, AudioSource):
+    if not isinstance(source, str):  # an AudioSource
         return (source.seconds() or 0.0) > STREAM_SECONDS
-    if not isinstance(source, str):
-        return False
     try:
         return audio_info(source)[3] > STREAM_SECONDS
     except Exception:  # decoding will report the problem
@@ -434,9 +435,11 @@ def _decoded(
     processes: bool | None = None,
     features: Features | None = None,
 ) -> Iterator[tuple[int, FileWindows | FileResult]]:
-    """Files in order, decoded up to 2 x `workers` files ahead by `workers` processes (`processes`;
-    None: unless every source is a waveform in memory already) or threads (one: in line); long
-    files are streamed lazily by the consumer instead. Each file's errors stay its own (`_Decode`)."""
+    """Files in order, decoded ahead by `workers` processes (`processes`; None: unless every source
+    is a waveform in memory already, which the caller's threads resample at no pickling cost) or
+    threads (one, or `workers` 0: in line); long files are streamed lazily by the consumer instead.
+    Each file's errors stay its own (`_Decode`); on CPU every window's model input is computed on one
+    core, so the results are the same bits whichever way the files were decoded."""
     job = _Decode(window, hop, features)
     tasks = [(i, s, names[i]) for i, s in enumerate(sources)]
     if processes is None:
