@@ -303,3 +303,20 @@ def test_precision_int8_in_the_commands_is_cached_and_close(tmp_path):
     cmd = [sys.executable, "-m", "sslam_cli", "tag", str(clip), "-c", fine, "--precision", "int4"]
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "choose fp32, bf16, fp16, int8" in bad.stderr
+
+
+def test_large_logits_are_checked_relative_to_their_size():
+    """A head whose logits reach ~1e3 (a linear probe's can) exports: fp32 steps by 1e-4 there."""
+    from sslam_core.checkpoints import Checkpoint
+    from sslam_core.onnx_export import tolerance
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=4))
+    with torch.no_grad():
+        model.head.weight.copy_(300.0 * torch.randn_like(model.head.weight))
+    result = export_checkpoint(Checkpoint(model.cfg, model.state_dict(), extra={"target_length": 96}))
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 1, 96, 128, generator=torch.Generator().manual_seed(0)))
+    assert logits.abs().max().item() > 100
+    assert result.max_diff["logits"] <= tolerance(logits)
+    assert tolerance(torch.tensor([0.5])) == 1e-4
