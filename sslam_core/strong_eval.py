@@ -174,9 +174,9 @@ def predict_events(
 
 
 def _frame_table(bounds: np.ndarray, values: np.ndarray, classes: Sequence[str]):
-    from sed_scores_eval.base_modules.scores import create_score_dataframe
-
-    return create_score_dataframe(np.nan_to_num(values, nan=0.0), bounds, list(classes))
+    return library().base_modules.scores.create_score_dataframe(
+        np.nan_to_num(values, nan=0.0), bounds, list(classes)
+    )
 
 
 def event_scores(events: Iterable[Interval], duration: float, classes: Sequence[str]):
