@@ -151,3 +151,27 @@ def test_per_class_thresholds(tmp_path):
         read_thresholds(str(table), LABELS)
     bad = sslam("tag", str(CLIP), "-c", FINETUNED, "--events", "--event-threshold", str(table), check=2)
     assert "--event-threshold" in bad.stderr and "line 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_token_steps_keep_the_clip_scores_and_cover_every_step():
+    import torch
+
+    from sslam_core.events import STEP_SECONDS, check_token_scores, result_step_scores, tag_token_steps
+    from sslam_core.model import ModelConfig, build_model
+    from sslam_core.tagging import tag
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, num_classes=3, pool="mean")).eval()
+    check_token_scores(model)
+    plain = next(tag(model, [str(CLIP)], target_length=208, hop=208))
+    steps = next(tag_token_steps(model, [str(CLIP)], target_length=208, hop=208))
+    np.testing.assert_allclose(steps.scores, plain.scores, rtol=1e-5)
+    assert len(steps.segments) == len(plain.segments) == 5  # 10 s in 2.08 s windows
+    starts = np.array([a for a, _, _ in steps.steps])
+    np.testing.assert_allclose(starts, np.arange(len(starts)) * STEP_SECONDS, atol=1e-9)
+    assert len(starts) == int(np.ceil(plain.duration / STEP_SECONDS - 1e-9))
+    times, scores = result_step_scores(steps)
+    assert scores.shape == (len(starts), 3) and not np.isnan(scores).any()
+    assert scores.std(axis=0).max() > 0  # per-step scores vary, unlike one window's score
+    with pytest.raises(ValueError, match="mean pooling"):
+        check_token_scores(build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, num_classes=3)))
