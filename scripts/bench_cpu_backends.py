@@ -4,8 +4,14 @@ the Linear layers; deprecated in torch, kept for comparison), ONNX Runtime fp32 
 (dynamic, MatMul weights). Prints seconds per clip, the ratio to torch fp32, the cosine of the CLS and
 patch outputs to torch fp32 on real clips, and the CPU capability it ran on; the last line is JSON.
 
+`--end-to-end` also times `sslam tag` itself, each run its own process, on the same files (--clips 10 s
+clips cut from real recordings, the test data by default) with a seeded ViT-B tagger (527 classes):
+fp32 against `--precision int8` (its int8 model quantised and cached by a first, untimed run), taking
+turns; it prints the median wall times, their ratio and the top-1 / top-5 agreement of the two.
+
     .venv/bin/python scripts/bench_cpu_backends.py                 # batch 4, T = 1024, 2 threads
     .venv/bin/python scripts/bench_cpu_backends.py --repeats 9 --threads 4
+    .venv/bin/python scripts/bench_cpu_backends.py --end-to-end --skip-backends --clips 16
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -24,25 +34,24 @@ import torch
 from torch import Tensor, nn
 
 from sslam_core.audio import load_audio
-from sslam_core.checkpoints import Checkpoint
+from sslam_core.checkpoints import Checkpoint, save_checkpoint
 from sslam_core.frontend import prepare_input
-from sslam_core.model import Encoder, preset
+from sslam_core.model import Encoder, build_model, preset
 from sslam_core.onnx_backend import open_session, run_session
 from sslam_core.onnx_export import export_checkpoint, quantize_int8
+from sslam_core.precision import cpu_capability
 
-DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 CLIPS = ("real_32k.wav", "acoustic_scene_2s.mp3", "robin.ogg", "typing_stereo_48k.flac")
 
 
-def native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+def torch_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` with torch dynamic int8 Linear layers (`quantize_dynamic`, deprecated in torch
+    but still the simplest torch int8)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
 
 
 def clips(batch: int, frames: int) -> Tensor:
@@ -69,24 +78,85 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1).mean().item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def tag_agreement(a: list[dict], b: list[dict]) -> dict[str, float]:
+    """Top-1 agreement and mean top-5 overlap of two `sslam tag -f json` outputs (one dict per file)."""
+    tops = [[[c["label"] for c in rec["labels"][:5]] for rec in out] for out in (a, b)]
+    pairs = list(zip(*tops, strict=True))
+    return {
+        "top1_agree": sum(x[0] == y[0] for x, y in pairs) / len(pairs),
+        "top5_overlap": sum(len(set(x) & set(y)) / 5 for x, y in pairs) / len(pairs),
+    }
+
+
+def end_to_end(clips: int, audio: Path, repeats: int, threads: int, seed: int) -> dict:
+    """Wall time of `sslam tag` (a fresh process each: start-up, model load, decoding, fbank, model) on
+    `clips` files, fp32 against --precision int8, the two taking turns `repeats` times."""
+    from bench_extract import make_clips
+
+    with tempfile.TemporaryDirectory(prefix="sslam-e2e-") as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(seed)
+        cfg = preset("base", num_classes=527)
+        labels = [(f"/m/{i}", f"class {i}") for i in range(cfg.num_classes)]
+        ckpt = folder / "vitb_tagger.safetensors"
+        model = build_model(cfg).eval()
+        save_checkpoint(ckpt, cfg, model.state_dict(), labels=labels, extra={"target_length": 1024})
+        del model
+        files = make_clips(folder, clips, audio)
+        env = {**os.environ, "SSLAM_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": str(threads)}
+        cmd = [
+            sys.executable,
+            "-m",
+            "sslam_cli",
+            "tag",
+            *files,
+            "-c",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "-f",
+            "json",
+        ]
+
+        def tag(precision: str) -> tuple[float, list[dict]]:
+            start = time.perf_counter()
+            proc = subprocess.run([*cmd, "--precision", precision], capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise SystemExit(f"sslam tag --precision {precision} failed: {proc.stderr.strip()[-500:]}")
+            return time.perf_counter() - start, [
+                json.loads(line) for line in proc.stdout.splitlines() if line
+            ]
+
+        first, _ = tag("int8")
+        print(f"end to end: first --precision int8 run (export + quantise + cache) {first:.1f} s", flush=True)
+        times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        outputs: dict[str, list[dict]] = {}
+        for _ in range(repeats):
+            for precision in times:
+                seconds_taken, outputs[precision] = tag(precision)
+                times[precision].append(seconds_taken)
+    median = {p: statistics.median(t) for p, t in times.items()}
+    result = {
+        "clips": clips,
+        "repeats": repeats,
+        "first_int8_s": round(first, 1),
+        "fp32_s": round(median["fp32"], 2),
+        "int8_s": round(median["int8"], 2),
+        "ratio": round(median["fp32"] / median["int8"], 2),
+        **tag_agreement(outputs["fp32"], outputs["int8"]),
+    }
+    print(f"end to end: sslam tag on {clips} x 10 s clips, median of {repeats}: fp32 {median['fp32']:.1f} s, "
+          f"int8 {median['int8']:.1f} s, {result['ratio']:.2f}x; top-1 agreement {result['top1_agree']:.3f}, "
+          f"top-5 overlap {result['top5_overlap']:.3f}", flush=True)  # fmt: skip
+    return result
+
+
+def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
+    """The in-process rows: each backend's s/clip, ratio to torch fp32 and cosines (bf16 if `bf16`)."""
     torch.manual_seed(args.seed)
     cfg = preset("base")
     model = Encoder(cfg).eval()
     x = clips(args.batch, args.frames)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU: {platform.processor() or platform.machine()}, torch capability {capability}, "
-          f"native bf16 {native_bf16()}, {args.threads} threads, torch {torch.__version__}")  # fmt: skip
 
     def torch_run(net: nn.Module, precision: str = "fp32") -> Callable[[], Tensor]:
         def run() -> Tensor:
@@ -105,12 +175,9 @@ def main() -> None:
 
     int8 = quantize_int8(onnx.load_model_from_string(exported.data)).SerializeToString()
     runs: dict[str, Callable[[], Tensor]] = {"torch fp32": torch_run(model)}
-    if native_bf16():
+    if bf16:
         runs["torch bf16"] = torch_run(model, "bf16")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
-    runs["torch int8"] = torch_run(quantized)
+    runs["torch int8"] = torch_run(torch_int8(model))
     for name, data in (("onnxruntime fp32", exported.data), ("onnxruntime int8", int8)):
         session = open_session(data, args.threads)
         runs[name] = lambda session=session: run_session(session, x)["features"]
@@ -136,8 +203,37 @@ def main() -> None:
         print(f"{name:18s} {per_clip:.3f} s/clip  {r['speedup']:.2f}x torch fp32  "
               f"CLS cosine {r['cls_cosine']:.5f}  patch cosine {r['patch_cosine']:.5f}  "
               f"max diff {r['max_diff']:.2g}")  # fmt: skip
-    print(json.dumps({"capability": capability, "native_bf16": native_bf16(), "threads": args.threads,
-                      "batch": args.batch, "frames": args.frames, "results": rows}))  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--end-to-end", action="store_true", help="also time `sslam tag` fp32 vs int8")
+    parser.add_argument("--skip-backends", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--clips", type=int, default=16, help="end to end: 10 s clips")
+    parser.add_argument("--audio", type=Path, default=DATA, help="end to end: cut the clips from these")
+    parser.add_argument("--e2e-repeats", type=int, default=3, help="end to end: runs of each precision")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = cpu_capability()
+    capability = f"{torch.backends.cpu.get_cpu_capability()} / {cpu.name}"
+    print(f"CPU: {platform.processor() or platform.machine()}, capability {capability} ({cpu.source}), "
+          f"native bf16 {cpu.native_bf16}, {args.threads} threads, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    summary = {"capability": capability, "native_bf16": cpu.native_bf16, "threads": args.threads}
+    if not args.skip_backends:
+        summary.update(batch=args.batch, frames=args.frames, results=backends(args, cpu.native_bf16))
+    if args.end_to_end:
+        summary["end_to_end"] = end_to_end(args.clips, args.audio, args.e2e_repeats, args.threads, args.seed)
+    summary["load_average_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
