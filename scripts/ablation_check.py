@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, str | float]] = {
 }
 SSLAM_WARMUP, SSLAM_EMA_ANNEAL = 25_000 / 200_000, 100_000 / 200_000  # release fractions of stage 2
 BINS = ("1", "2-3", "4-5")
-METRICS = ("fsdd_acc", "poly_mAP", *(f"poly_{b}" for b in BINS))
+METRICS = ("fsdd_acc", "poly_mAP", *(f"poly_{b}" for b in BINS), "poly_recall")
 
 
 def finished(run: Path, steps: int, wanted: dict) -> bool:
@@ -87,7 +87,7 @@ def last_terms(run: Path) -> dict:
 
 def probes(run: Path, splits: dict, poly: Path, work: Path, args) -> dict:
     """CLS and mean-patch probes of one encoder (reused from work/probes when its weights are the same)."""
-    cache = work / "probes" / f"{run.name}.json"
+    cache = work / "probes" / f"commands_{run.name}.json"
     stamp = (run / "model.safetensors").stat().st_mtime_ns
     if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
         return json.loads(cache.read_text())["scores"]
@@ -113,6 +113,151 @@ def probes(run: Path, splits: dict, poly: Path, work: Path, args) -> dict:
     return scores
 
 
+def load_inputs(root: Path, frames: int, poly_frames: int, every: int = 1) -> dict:
+    """Fbank inputs and labels of FSDD (official split) and polydigits train / test (every `every`-th
+    clip of each), decoded once."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from sslam_core.audio import load_audio
+    from sslam_core.frontend import prepare_input
+
+    def fbanks(paths: list[Path], length: int) -> torch.Tensor:
+        waves = [load_audio(path) for path in paths]
+        chunks = [prepare_input(waves[i : i + 256], target_length=length) for i in range(0, len(waves), 256)]
+        return torch.cat(chunks)
+
+    rows = list(csv.DictReader(open(root / "fsdd" / "metadata.csv")))[::every]
+    data = {
+        "fsdd_x": fbanks([root / "fsdd" / "recordings" / r["filename"] for r in rows], frames),
+        "fsdd_y": np.array([int(r["digit"]) for r in rows]),
+        "fsdd_train": np.array([r["split"] == "train" for r in rows]),
+    }
+    for split in ("train", "test"):
+        folder = root / "polydigits" / split
+        listed = list(csv.DictReader(open(folder / "labels.csv")))[::every]
+        targets = np.zeros((len(listed), 10), dtype=np.float32)
+        for i, r in enumerate(listed):
+            targets[i, [int(d) for d in r["labels"].split(";")]] = 1
+        data[f"poly_{split}_x"] = fbanks([folder / r["filename"] for r in listed], poly_frames)
+        data[f"poly_{split}_y"] = targets
+    return data
+
+
+def pooled(encoder, x) -> dict:
+    """Last-block CLS and mean patch token of a frozen encoder, (N, D) numpy arrays per pool."""
+    import numpy as np
+    import torch
+
+    cls, mean = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), 128):
+            out = encoder(x[i : i + 128])
+            cls.append(out[:, 0].double().numpy())
+            mean.append(out[:, 1:].mean(dim=1).double().numpy())
+    return {"cls": np.concatenate(cls), "mean": np.concatenate(mean)}
+
+
+def constituent_recall(scores, targets) -> float:
+    """Mean over clips of the share of a clip's k digits among its k highest-scored digits."""
+    import numpy as np
+
+    k = targets.sum(axis=1).astype(int)
+    top = np.argsort(-scores, axis=1)
+    hits = [targets[i, top[i, : k[i]]].sum() / k[i] for i in range(len(k)) if k[i] > 0]
+    return float(np.mean(hits))
+
+
+def feature_probes(run: Path, data: dict) -> dict:
+    """Converged logistic-regression probes on standardised frozen features (scikit-learn): FSDD
+    accuracy; polydigits mAP of one-vs-rest probes predicting each constituent digit of a mixture,
+    overall and by polyphony (1 / 2-3 / 4-5), and the share of each mixture's digits ranked in its top k."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from sslam_core.checkpoints import load_model
+    from sslam_core.metrics import average_precision, polyphony_report
+
+    encoder = load_model(run)
+    fsdd, train = pooled(encoder, data["fsdd_x"]), data["fsdd_train"]
+    poly_train, poly_test = pooled(encoder, data["poly_train_x"]), pooled(encoder, data["poly_test_x"])
+    y, ytr, yte = data["fsdd_y"], data["poly_train_y"], data["poly_test_y"]
+    scores = {}
+    for pool in ("cls", "mean"):
+        f = fsdd[pool]
+        scaler = StandardScaler().fit(f[train])
+        clf = LogisticRegression(max_iter=3000).fit(scaler.transform(f[train]), y[train])
+        scores[f"fsdd_acc_{pool}"] = round(100 * clf.score(scaler.transform(f[~train]), y[~train]), 2)
+        scaler = StandardScaler().fit(poly_train[pool])
+        ovr = OneVsRestClassifier(LogisticRegression(max_iter=3000))
+        ovr.fit(scaler.transform(poly_train[pool]), ytr)
+        test = ovr.predict_proba(scaler.transform(poly_test[pool]))
+        scores[f"poly_mAP_{pool}"] = round(100 * float(average_precision(test, yte).mean()), 2)
+        by_polyphony = polyphony_report(test, yte)
+        for b in BINS:
+            scores[f"poly_{b}_{pool}"] = round(100 * by_polyphony[b]["mAP"], 2)
+        scores[f"poly_recall_{pool}"] = round(100 * constituent_recall(test, yte), 2)
+    return scores
+
+
+def target_statistics(run: Path, data: dict, clips: int = 64) -> dict:
+    """What the teacher's regression targets look like on FSDD training clips with and without the
+    release's partial mix (clip i with clip i-1 outside 2 clean windows, fixed draw): the cosine of a
+    mixture's patch targets to its own clip's clean targets and to the partner's, outside the windows,
+    and the spread of the clean utterance targets (mean over patches) across clips relative to their size."""
+    import torch
+    import torch.nn.functional as F
+
+    from sslam_core.checkpoints import load_model
+    from sslam_core.mixing import choose_windows, partial_mix, window_frames
+    from sslam_core.objective import regression_targets
+    from sslam_core.pretraining import scaled_window
+
+    teacher = load_model(run, teacher=True)
+    x = data["fsdd_x"][data["fsdd_train"]][:: max(1, int(data["fsdd_train"].sum()) // clips)][:clips]
+    frames = x.shape[2]
+    window = scaled_window(frames)
+    starts = choose_windows(frames, window, 2, torch.Generator().manual_seed(0))
+    mixed = partial_mix(x, starts, window)
+
+    def targets(inputs):
+        with torch.no_grad():
+            ffn = teacher.contextualize(teacher.patchify(inputs), collect="ffn")[1]
+        return regression_targets([f[:, 1:] for f in ffn], len(ffn))
+
+    clean, mix = targets(x), targets(mixed)
+    freq = clean.shape[1] // (frames // 16)
+    outside = ~window_frames(frames, starts, window)[::16].repeat_interleave(freq)
+    own = F.cosine_similarity(mix, clean, dim=-1)[:, outside].mean()
+    partner = F.cosine_similarity(mix, torch.roll(clean, 1, dims=0), dim=-1)[:, outside].mean()
+    utterance = clean.mean(dim=1)
+    return {
+        "cos_mix_own": round(float(own), 3),
+        "cos_mix_partner": round(float(partner), 3),
+        "utt_target_std_over_clips": round(float(utterance.std(dim=0).mean()), 4),
+        "utt_target_norm": round(float(utterance.norm(dim=-1).mean() / utterance.shape[-1] ** 0.5), 4),
+    }
+
+
+def trajectory(run: Path) -> dict:
+    """Loss terms (per masked patch) averaged over the first and the last quarter of the logged steps."""
+    path = run / "metrics.jsonl"
+    logs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not logs:
+        return {}
+    quarter = max(1, len(logs) // 4)
+    out = {}
+    for key in ("patch", "cls", "srl"):
+        if key in logs[0]:
+            first = statistics.fmean(entry[key] for entry in logs[:quarter])
+            last = statistics.fmean(entry[key] for entry in logs[-quarter:])
+            out[key] = [round(first, 3), round(last, 3)]
+    return out
+
+
 def spread(values: list[float]) -> dict:
     """Mean, sample std (0 for one seed) and count."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -120,13 +265,59 @@ def spread(values: list[float]) -> dict:
 
 
 def table(cells: dict, pool: str) -> str:
-    """One Markdown table of mean +- std per variant for the probes on `pool`."""
-    names = ("FSDD acc", "polydigits mAP", *(f"mAP {b}" for b in BINS))
+    """One Markdown table of mean +- std per variant for the probes on `pool` ('-' where not measured)."""
+    names = ("FSDD acc", "polydigits mAP", *(f"mAP {b}" for b in BINS), "digits in top k")
     lines = [f"| variant ({pool}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for variant, cell in cells.items():
-        row = [f"{cell[f'{m}_{pool}']['mean']:.1f} ± {cell[f'{m}_{pool}']['std']:.1f}" for m in METRICS]
+        row = [
+            f"{cell[key]['mean']:.1f} ± {cell[key]['std']:.1f}" if key in cell else "-"
+            for key in (f"{m}_{pool}" for m in METRICS)
+        ]
         lines.append(f"| {variant} (n={cell[f'fsdd_acc_{pool}']['n']}) | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def why_table(per_run: dict, groups: dict) -> str:
+    """Loss terms (first -> last quarter of the logs, mean over seeds) and teacher target statistics."""
+    head = "| variant | patch | cls | srl | cos(mix, own clean) | cos(mix, partner) | utt. target std |"
+    lines = [head, "|---" * 7 + "|"]
+    for name, runs in groups.items():
+        rows = [per_run[run.name] for run in runs]
+
+        def avg(get, rows=rows):
+            values = [v for v in (get(r) for r in rows) if v is not None]
+            return statistics.fmean(values) if values else None
+
+        cells = []
+        for term in ("patch", "cls", "srl"):
+            first = avg(lambda r, t=term: r["trajectory"].get(t, [None])[0])
+            last = avg(lambda r, t=term: r["trajectory"].get(t, [None, None])[1])
+            cells.append("-" if first is None else f"{first:.2f} -> {last:.2f}")
+        for key in ("cos_mix_own", "cos_mix_partner", "utt_target_std_over_clips"):
+            value = avg(lambda r, k=key: r["targets"].get(k))
+            cells.append("-" if value is None else f"{value:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cached_inputs(work: Path, args) -> dict:
+    """load_inputs, kept in WORK/inputs.pt (for these frame counts) for reruns."""
+    import torch
+
+    path = work / f"inputs_{args.target_length}_{args.poly_length}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    data = load_inputs(args.data_root, args.target_length, args.poly_length)
+    torch.save(data, path)
+    return data
+
+
+def poly_audio(root: Path, work: Path, fsdd_audio: Path) -> Path:
+    """Stage-2 data 'fsdd+poly': the FSDD training recordings plus the polydigits training mixtures."""
+    path = work / "fsdd_poly_train_audio.txt"
+    mixtures = sorted(str(f) for f in (root / "polydigits" / "train" / "audio").glob("*.wav"))
+    path.write_text(fsdd_audio.read_text().rstrip("\n") + "\n" + "\n".join(mixtures) + "\n")
+    return path
 
 
 def main() -> None:
@@ -134,6 +325,20 @@ def main() -> None:
     p.description = __doc__.splitlines()[0]
     p.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant (1, 2, ...) [3]")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated [{','.join(VARIANTS)}]")
+    p.add_argument(
+        "--probe", choices=("features", "commands"), default="features",
+        help="features: converged scikit-learn probes on features computed here (fast; default); "
+        "commands: `sslam finetune --linear` + `sslam eval` per encoder and pool",
+    )  # fmt: skip
+    p.add_argument(
+        "--stage2-data", choices=("fsdd", "fsdd+poly"), default="fsdd",
+        help="stage-2 pre-training audio: the FSDD training recordings, or those plus the polydigits "
+        "training mixtures at --poly-length frames (clean windows scaled to it); runs named NAME_poly_sK",
+    )  # fmt: skip
+    p.add_argument(
+        "--only-finished", action="store_true",
+        help="train nothing more: probe and report the stage-2 runs already in --work",
+    )  # fmt: skip
     args = p.parse_args()
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -150,38 +355,75 @@ def main() -> None:
     stage1 = work / f"eat_{steps1}"
     learning_check.pretrain(stage1, splits["audio"], "eat", steps1, args)
     timing = {"stage1_s": round(time.perf_counter() - start, 1)}
+    data = cached_inputs(work, args) if args.probe == "features" else None
+    audio, extra, suffix = splits["audio"], {}, ""
+    if args.stage2_data == "fsdd+poly":
+        audio, suffix = poly_audio(args.data_root, work, splits["audio"]), "_poly"
+        extra = {"target_length": args.poly_length}
 
+    per_run: dict[str, dict] = {}
+
+    def measure(run: Path) -> None:
+        """Probe one encoder (cached in WORK/probes), its loss trajectory and teacher target statistics."""
+        cache = work / "probes" / f"{run.name}.json"
+        stamp = [(run / "model.safetensors").stat().st_mtime_ns, args.probe]
+        if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
+            per_run[run.name] = json.loads(cache.read_text())["result"]
+            return
+        if data is None:
+            scores = probes(run, splits, poly, work, args)
+        else:
+            scores = feature_probes(run, data)
+        result = {**scores, "last_terms": last_terms(run), "trajectory": trajectory(run)}
+        result["targets"] = target_statistics(run, data) if data is not None else {}
+        cache.parent.mkdir(exist_ok=True)
+        cache.write_text(json.dumps({"stamp": stamp, "result": result}))
+        per_run[run.name] = result
+
+    def report(runs: dict[str, list[Path]]) -> dict:
+        """Cells (mean +- std over seeds) of the runs measured so far, written to WORK/ablation.json."""
+        groups = {name: group for name, group in runs.items() if group}
+        cells = {}
+        for name, group in groups.items():
+            scores = [per_run[run.name] for run in group]
+            keys = [k for k in scores[0] if k.endswith(("_cls", "_mean"))]
+            cells[name] = {key: spread([s[key] for s in scores]) for key in keys}
+        timing["total_s"] = round(time.perf_counter() - start, 1)
+        out = {
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "stage1_steps": steps1,
+            "stage2_steps": steps2,
+            "cells": cells,
+            "runs": per_run,
+            "seconds": timing,
+            "work": str(work),
+            "tables": {
+                "cls": table(cells, "cls"),
+                "mean": table(cells, "mean"),
+                "why": why_table(per_run, groups),
+            },  # fmt: skip
+        }
+        (work / "ablation.json").write_text(json.dumps(out, indent=2))
+        return out
+
+    measure(stage1)
     runs: dict[str, list[Path]] = {"stage1_only": [stage1]}
     lr = args.lr * args.stage2_lr_scale
-    for name in args.variants.split(","):
-        runs[name] = []
-        for seed in range(1, args.seeds + 1):
-            run = work / f"{name}_s{seed}"
-            stage2(run, splits["audio"], stage1, VARIANTS[name], steps2, seed, lr)
-            runs[name].append(run)
+    names = args.variants.split(",")
+    runs |= {name + suffix: [] for name in names}
+    for seed in range(1, args.seeds + 1):  # seed-major: a run cut short still leaves balanced cells
+        for name in names:
+            run = work / f"{name}{suffix}_s{seed}"
+            if not args.only_finished:
+                stage2(run, audio, stage1, {**VARIANTS[name], **extra}, steps2, seed, lr)
+            if (run / "model.safetensors").exists():
+                measure(run)
+                runs[name + suffix].append(run)
+                report(runs)  # partial results survive an interrupted run
     timing["stage2_s"] = round(time.perf_counter() - start - timing["stage1_s"], 1)
-
-    per_run, cells = {}, {}
-    for name, group in runs.items():
-        scores = [probes(run, splits, poly, work, args) for run in group]
-        per_run |= {
-            run.name: {**s, "last_terms": last_terms(run)} for run, s in zip(group, scores, strict=True)
-        }
-        cells[name] = {key: spread([s[key] for s in scores]) for key in scores[0]}
-    timing["total_s"] = round(time.perf_counter() - start, 1)
-
-    report = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "stage1_steps": steps1,
-        "stage2_steps": steps2,
-        "cells": cells,
-        "runs": per_run,
-        "seconds": timing,
-        "work": str(work),
-    }
-    (work / "ablation.json").write_text(json.dumps(report, indent=2))
-    print(table(cells, "cls") + "\n\n" + table(cells, "mean") + "\n")
-    print(json.dumps(report, indent=2))
+    out = report(runs)
+    print("\n\n".join(out["tables"].values()) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "tables"}, indent=2))
 
 
 if __name__ == "__main__":

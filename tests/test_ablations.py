@@ -236,3 +236,25 @@ def test_ablation_check_reuses_only_a_run_of_the_same_settings(tmp_path):
     cells = {"sslam": {f"{m}_cls": ablation_check.spread([40.0, 42.0, 44.0]) for m in ablation_check.METRICS}}
     assert cells["sslam"]["poly_mAP_cls"] == {"mean": 42.0, "std": 2.0, "n": 3}
     assert "| sslam (n=3) | 42.0 ± 2.0 |" in ablation_check.table(cells, "cls")
+
+
+def test_ablation_check_measures_constituents_and_loss_trajectories(tmp_path):
+    """The constituent probe's top-k share, the loss-term trajectory and the 'why' table, on known input."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ablation_check
+
+    targets = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1]], dtype=np.float32)
+    scores = np.array([[0.9, 0.1, 0.0, 0.0], [0.8, 0.1, 0.7, 0.0], [0.1, 0.9, 0.8, 0.0]])
+    # clip 0: its digit first (1/1); clip 1: one of two in its top 2; clip 2: two of three in its top 3
+    assert ablation_check.constituent_recall(scores, targets) == pytest.approx((1 + 1 / 2 + 2 / 3) / 3)
+
+    run = tmp_path / "sslam_s1"
+    run.mkdir()
+    logs = [{"step": 25 * (i + 1), "patch": 8.0 - i, "cls": 100.0, "srl": 2.0 * i} for i in range(8)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(entry) for entry in logs) + "\n")
+    assert ablation_check.trajectory(run) == {"patch": [7.5, 1.5], "cls": [100.0, 100.0], "srl": [1.0, 13.0]}
+    per_run = {run.name: {"trajectory": ablation_check.trajectory(run), "targets": {"cos_mix_own": 0.8}}}
+    why = ablation_check.why_table(per_run, {"sslam": [run]})
+    assert "| sslam | 7.50 -> 1.50 | 100.00 -> 100.00 | 1.00 -> 13.00 | 0.800 | - | - |" in why
+    cells = {"eat": {f"{m}_cls": ablation_check.spread([50.0]) for m in ablation_check.METRICS[:-1]}}
+    assert ablation_check.table(cells, "cls").endswith("| 50.0 ± 0.0 | - |")  # not measured: a dash
