@@ -1,6 +1,7 @@
 """What do audio mixtures do? SSLAM stage-2 ablations at small scale, probed over several seeds.
 
     python scripts/ablation_check.py /work/shared/data [--work DIR] [--seeds 3] [--steps 4800]
+        [--variants eat,no_mix,...] [--stage2-data fsdd|fsdd+poly] [--probe features|commands]
 
 One EAT stage-1 run on the unlabelled FSDD training recordings with the learning check's recipe and
 stage-1 length (scripts/learning_check.py: two thirds of --steps), then, from it, stage-2 variants with
@@ -13,11 +14,22 @@ the same updates, lr (a tenth), warm-up and EMA anneal (SSLAM's fractions of the
     sslam_avg   --stage sslam --utterance-target average
 
 each for --seeds seeds of stage 2 (data order, masks, windows; a given seed draws the same masks and
-windows in every sslam variant). Every encoder, and the stage-1 run itself, is linear-probed on the CLS
-and on the mean patch token (learning_check.probe): FSDD accuracy, polydigits mAP and its mAP by
-polyphony (1 / 2-3 / 4-5 digits). Prints mean +- std over seeds per cell as two tables (CLS, mean
-patch), then one JSON object, also written to WORK/ablation.json. Finished runs and probes in --work
-are reused, so a rerun with more --seeds only adds the new ones.
+windows in every sslam variant), run seed-major so that a cut-short run leaves balanced cells. Every
+encoder, and the stage-1 run itself, is probed on the last-block CLS and mean patch token with converged
+scikit-learn logistic regressions on standardised frozen features (--probe features; --probe commands
+uses `sslam finetune --linear` + `sslam eval` as learning_check does, ~15 min per encoder on a loaded
+machine): FSDD accuracy; polydigits mAP of one-vs-rest probes that predict each constituent digit of a
+mixture, overall and by polyphony (1 / 2-3 / 4-5 digits), and the share of each mixture's k digits
+among its k best-scored ("digits in top k"). Per run it also records the loss-term trajectory (patch,
+cls, srl per masked patch: first -> last quarter of the logs) and teacher target statistics on 64 FSDD
+clips with the release's partial mix (cosine of a mixture's patch targets to its own clip's clean
+targets and to the partner's, outside the clean windows; the spread of the clean utterance targets
+across clips). Prints mean +- std over seeds per cell (CLS, mean patch) and the "why" table, then
+one JSON object, also written to WORK/ablation.json after every run. Finished runs and probes in
+--work are reused, so a rerun with more --seeds only adds the new ones; --only-finished trains nothing
+and reports what is there. --stage2-data fsdd+poly pre-trains stage 2 on the FSDD training recordings
+plus the polydigits training mixtures at --poly-length frames (clean windows scaled to that length),
+in runs named NAME_poly_sK.
 """
 
 from __future__ import annotations
