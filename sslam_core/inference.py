@@ -466,11 +466,14 @@ Head = Callable[[Tensor], dict[str, Tensor]]
 
 
 def default_batching(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
-    """Windows per forward pass and decoding processes: on CPU, batches of 4 (the most clips/s of a
-    ViT-B on 2 cores) and one decoding process (decoding and each window's fbank then run beside the
-    model, not between its batches); on GPU, batches of 32 and 4 processes to keep it fed."""
+    """Windows per forward pass and decoding processes. On CPU: batches of 4 (the most clips/s of a
+    ViT-B on 2 cores) and 0 processes, decoding in line: on the loaded 2-core development machine,
+    3,000 FSDD files through a one-block model ran at 349 files/s in line vs 318 / 267 with 1 / 2
+    worker processes (one intra-op thread; scripts/bench_scale.py), and decoding a 10 s 44.1 kHz
+    stereo file (~19 ms there) is ~3% of a ViT-B's 0.6 s per clip. On GPU: batches of 32 and 4
+    processes to keep it fed (scripts/gpu_bench_scale.py measures 16)."""
     cpu = torch.device(device).type == "cpu"
-    return batch_size or (4 if cpu else 32), workers if workers is not None else (1 if cpu else 4)
+    return batch_size or (4 if cpu else 32), workers if workers is not None else (0 if cpu else 4)
 
 
 def _on_device(waves: list[Tensor], device: torch.device) -> list[Tensor]:
