@@ -35,7 +35,7 @@ Workers = Annotated[
     typer.Option(
         "--workers",
         "-w",
-        help="Processes decoding audio ahead of the model, 0 = in the main process [default: 1 on CPU, "
+        help="Processes decoding audio ahead of the model, 0 = in the main process [default: 0 on CPU, "
         "4 on GPU].",
     ),
 ]
