@@ -1,7 +1,9 @@
 """An ordered map over worker processes that survives its workers: decoding audio off the GIL.
 
 `ordered_map(fn, tasks, workers)` runs `fn(task)` in `workers` processes and yields the results in
-task order, keeping at most `4 x workers` tasks ahead of the consumer. Workers hold the task list
+task order, keeping 2 to 16 tasks per worker ahead of the consumer (as many as fit in 32 MiB of
+results of the size seen so far: short files must not wait on a busy main process, long ones must
+not fill its memory). Workers hold the task list
 (inherited when forked) and receive the numbers of the tasks to run on their own pipe, so the main
 process always knows which task a worker was on: when a worker dies (a signal, a
 crash in a native decoder, `os._exit`), that task yields a `TaskFailed` naming how it died, the
@@ -26,9 +28,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-TASKS_PER_WORKER = 4  # queued on one worker at a time: short files must not wait for the main process
+TASKS_PER_WORKER = (2, 4, 16)  # tasks ahead per worker: the fewest, the first guess, the most
+BYTES_AHEAD_PER_WORKER = 32 << 20  # results of this size in all, ahead of the consumer, per worker
 PARENT_POLL_SECONDS = 1.0  # how often an idle worker checks that the main process still lives
 GRACE_SECONDS = 5.0  # how long idle workers get to exit at the end before they are killed
 PIPE_BYTES = 1 << 20  # a result pipe's capacity (Linux lets any process ask for up to 1 MiB)
@@ -142,6 +146,7 @@ class _Pool:
         methods = mp.get_all_start_methods()
         self.ctx = mp.get_context("fork" if "fork" in methods else "spawn")
         self.fn, self.tasks = fn, tasks
+        self.received, self.bytes = 0, 0  # results read and their pickled size, for `depth`
         self.workers: list[_Worker] = []
         _open_pools.add(self)
         try:
@@ -157,8 +162,16 @@ class _Pool:
     def submit(self, key: int) -> None:
         min(self.workers, key=lambda w: len(w.keys)).give(key)
 
+    @property
+    def depth(self) -> int:
+        """Tasks ahead per worker: as many results of the mean size so far as fit the byte budget."""
+        fewest, guess, most = TASKS_PER_WORKER
+        if not self.received:
+            return guess
+        return max(fewest, min(most, BYTES_AHEAD_PER_WORKER * self.received // max(1, self.bytes)))
+
     def has_room(self) -> bool:
-        return any(len(w.keys) < TASKS_PER_WORKER for w in self.workers)
+        return any(len(w.keys) < self.depth for w in self.workers)
 
     def collect(self, done: dict[int, Any]) -> None:
         """Wait for at least one result or death and record it in `done`; a dead worker's first task
@@ -176,7 +189,9 @@ class _Pool:
         """Read the results waiting in `w`'s pipe (at least one if `block`); False once it is closed."""
         try:
             while block or w.results.poll():
-                key, out = w.results.recv()
+                message = w.results.recv_bytes()
+                key, out = ForkingPickler.loads(message)
+                self.received, self.bytes = self.received + 1, self.bytes + len(message)
                 w.keys.remove(key)
                 done[key] = out
                 block = False
@@ -218,17 +233,17 @@ def _kill_open_pools() -> None:
 
 
 def ordered_map(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int) -> Iterator[Any]:
-    """`fn(task)` for each task, in order, computed by `workers` processes at most `4 x workers` tasks
-    ahead; a task that raised or whose worker died yields a `TaskFailed` instead. Closing the
-    generator early (or an exception in the consumer) kills the workers at once; at the end they exit."""
+    """`fn(task)` for each task, in order, computed by `workers` processes a bounded number of tasks
+    ahead (see the module's docstring); a task that raised or whose worker died yields a
+    `TaskFailed` instead. Closing the generator early (or an exception in the consumer) kills the
+    workers at once; at the end they exit."""
     pool = _Pool(fn, tasks, workers)
-    ahead = TASKS_PER_WORKER * workers
     done: dict[int, Any] = {}
     submitted, finished = 0, False
     try:
         for nxt in range(len(tasks)):
             while nxt not in done:
-                while submitted < len(tasks) and submitted - nxt < ahead and pool.has_room():
+                while submitted < len(tasks) and submitted - nxt < pool.depth * workers and pool.has_room():
                     pool.submit(submitted)
                     submitted += 1
                 pool.collect(done)
