@@ -86,7 +86,8 @@ def stage2(run: Path, audio: Path, stage1: Path, variant: dict, steps: int, seed
         return
     cmd = [str(audio), "-o", str(run), "--config", str(stage1 / "config.json"), "--steps", str(steps)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in wanted.items()]
-    cmd += ["--save-every", str(max(steps, 1)), "--log-every", "25", "-q", "--overwrite"]
+    cmd += ["--save-every", str(max(steps, 1)), "--log-every", str(max(1, min(25, steps // 12)))]
+    cmd += ["-q", "--overwrite"]  # at least 12 logged points for the loss trajectory
     learning_check.sslam("pretrain", *cmd)
 
 
