@@ -1,12 +1,12 @@
 """Batched inference over audio files of any length: decode, cut windows, fbank on the device, encode.
 
 Every command that runs a model over files (`tag`, `extract`, `eval`, the HEAR module) goes through
-`run_windows`: files are decoded by worker processes (`decode_workers`), cut into windows of
+`run_windows`: files are decoded in line or by worker processes (`decode_workers`), cut into windows of
 `target_length` frames, batched across files, turned into model input and encoded in one forward
 pass per batch. Results come back per file, in input order, with per-file errors instead of
 exceptions. On a GPU the fbank of a batch is computed there in one go; on CPU each window's fbank is
-computed where it was decoded (a worker process: off the model's cores), so that the results do not
-depend on how files were decoded or batched.
+computed where it was decoded (a worker process: off the model's cores), on one core, so that the
+model inputs do not depend on how files were decoded or batched.
 """
 
 from __future__ import annotations
