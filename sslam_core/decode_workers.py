@@ -62,13 +62,22 @@ def death(exitcode: int | None) -> str:
 
 
 def _serve(
-    fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Connection, results: Connection, parent: int
+    fn: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    keys: Connection,
+    results: Connection,
+    parent: int,
+    inherited: list[Connection],
 ) -> None:
-    """A worker's loop: a task number in, (number, result or TaskFailed) out, until None or orphaned."""
+    """A worker's loop: a task number in, (number, result or TaskFailed) out, until None or orphaned.
+    `inherited` are the main process's pipe ends that a fork copied: closed, so that the main
+    process's death closes this worker's pipes (and the worker ends) instead of leaving it blocked."""
     import torch
 
     from sslam_core.training_data import ignore_stop_signals
 
+    for conn in inherited:
+        conn.close()
     ignore_stop_signals()
     torch.set_num_threads(1)  # one core per worker; the parent's thread pool is not usable after a fork
     while True:
@@ -109,11 +118,15 @@ def _widen(pipe: Connection) -> None:
 class _Worker:
     """One process with a pipe each way, and the task numbers it was given, oldest first."""
 
-    def __init__(self, ctx: Any, fn: Callable[[Any], Any], tasks: Sequence[Any]):
+    def __init__(self, ctx: Any, fn: Callable[[Any], Any], tasks: Sequence[Any], others: list[_Worker]):
         worker_keys, self.keys_out = ctx.Pipe(duplex=False)
         self.results, sender = ctx.Pipe(duplex=False)
         _widen(sender)
-        args = (fn, tasks, worker_keys, sender, os.getpid())
+        inherited = []  # the main process's ends, copied by a fork (a spawn copies nothing)
+        if ctx.get_start_method() == "fork":
+            ends = [c for w in [self, *others] for c in (w.keys_out, w.results)]
+            inherited = [c for c in ends if not c.closed]
+        args = (fn, tasks, worker_keys, sender, os.getpid(), inherited)
         self.process = ctx.Process(target=_serve, args=args, daemon=True)
         self.process.start()
         worker_keys.close()  # the worker holds the only ends it uses
@@ -157,7 +170,7 @@ class _Pool:
             raise
 
     def _start(self) -> _Worker:
-        return _Worker(self.ctx, self.fn, self.tasks)
+        return _Worker(self.ctx, self.fn, self.tasks, self.workers)
 
     def submit(self, key: int) -> None:
         min(self.workers, key=lambda w: len(w.keys)).give(key)

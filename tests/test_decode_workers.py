@@ -6,6 +6,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +174,34 @@ def test_stop_requests_end_the_run_and_workers_leave_signals_to_it(model, files)
                 os.kill(os.getpid(), signal.SIGINT)  # ... the main process decides
     assert request.signum == signal.SIGINT and 3 <= len(got) < len(files * 3)
     assert all(r.error is None for r in got) and children() == []
+
+
+def test_workers_exit_when_the_main_process_is_killed(files, tmp_path):
+    code = (
+        "import sys, torch\n"
+        "from sslam_core.inference import feature_head, run_windows\n"
+        "from sslam_core.model import Encoder, preset\n"
+        "m = Encoder(preset('tiny', depth=1)).eval()\n"
+        "for r in run_windows(m, sys.argv[1:] * 500, feature_head(m), target_length=128, workers=2):\n"
+        "    print('result', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, *files], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "result\n"
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    """Running, not ended (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
