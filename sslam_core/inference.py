@@ -561,11 +561,17 @@ def run_windows(
             yield results.pop(next_out)
             next_out += 1
 
+    def landed() -> Iterator[FileResult]:
+        """On a stop: the files whose last batch was already launched are finished too."""
+        complete()
+        yield from finished()
+
     names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
     decoded = _decoded(sources, names, target_length, hop, workers, processes, features)
     with closing(decoded):  # ends the decoding processes however the run ends
         for i, item in decoded:
             if stopping():
+                yield from landed()
                 return
             if isinstance(item, FileResult):
                 results[i] = item
@@ -581,6 +587,7 @@ def run_windows(
                     pending[i] += 1
                     if len(queue) == batch_size:
                         if stopping():
+                            yield from landed()
                             return
                         flush()
                         yield from finished()
@@ -595,6 +602,7 @@ def run_windows(
             yield from finished()
     if queue:
         if stopping():
+            yield from landed()
             return
         flush()
     complete()
