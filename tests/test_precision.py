@@ -112,3 +112,10 @@ def test_unknown_precision_is_one_line():
     result = sslam("tag", CLIP, "-c", TAGGER, "--precision", "fp8", code=2)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "choose fp32, bf16, fp16, int8, auto" in lines[0]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_so():
+    args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "--device", "cpu", "--precision", "bf16")
+    emulated = sslam(*args, env={precision.ENV: "avx2"}).stderr
+    assert "no native bf16" in emulated and "AVX2" in emulated
+    assert "no native bf16" not in sslam(*args, env={precision.ENV: "avx512f,avx512_bf16"}).stderr
