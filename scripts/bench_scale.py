@@ -7,7 +7,7 @@ overhead: the pipeline around the model: many short files (FSDD: ~3,000 wavs of 
   in-line run, the CPU capability, the cores and the load average (other work on the machine
   slows every figure).
 
-    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--only overhead]
+    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--torch-threads T] [--only overhead]
 
 Prints one JSON object at the end: {"machine": {...}, NAME: {...}, ...}.
 """
@@ -101,7 +101,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=1, help="encoder blocks of the tiny model [1]")
     parser.add_argument("--target-length", type=int, default=64, help="window in 10 ms frames [64]")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass [32]")
+    parser.add_argument("--torch-threads", type=int, help="intra-op threads of the model [torch's default]")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     results: dict = {"machine": machine()}
     print(
         f"CPU {results['machine']['cpu_capability']}, {results['machine']['cores']} cores, "
