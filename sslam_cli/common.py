@@ -86,10 +86,15 @@ def check_plot_output(path, flag: str = "--plot") -> None:
         fail(f"{flag}: {e}")
 
 
+def rank_in_run() -> int:
+    """This process's torchrun rank (0 in a single process), read without importing torch."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def note(message: str) -> None:
     """One plain-text line on stderr (a summary, a warning), never read as Rich markup. Under
     torchrun only rank 0 prints notes, which every rank would otherwise repeat."""
-    if os.environ.get("RANK", "0") != "0":
+    if rank_in_run():
         return
     err_console.print(message, markup=False)
 
@@ -268,7 +273,7 @@ def exit_status(written: int, skipped: int) -> int:
     """The exit status of a run over files: 2 when nothing was done, 1 when some files were skipped,
     0 otherwise. Under torchrun a run that wrote its output ends 0 even with skipped files (they are
     on stderr and in the output): torchrun reports any other status as a crash of the whole job."""
-    if os.environ.get("RANK", "0") != "0":
+    if rank_in_run():
         return EXIT_OK  # rank 0 reports on the whole run; an empty share is no failure
     if not written:
         return EXIT_USAGE

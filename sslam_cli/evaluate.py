@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from sslam_cli.common import (
     EXIT_OK,
-    EXIT_SKIPPED,
     BatchSize,
     Device,
     Hop,
@@ -26,13 +25,16 @@ from sslam_cli.common import (
     check_precision,
     claim_or_fail,
     err_console,
+    exit_status,
     fail,
     frames_or_fail,
     interrupted,
+    join_ranks,
     note,
     parse_folds,
     parse_norm,
     pick_device,
+    rank_in_run,
     render,
     warn,
 )
@@ -179,7 +181,7 @@ def evaluate(
         note(f"note: {len(pred.skipped)} file(s) were skipped when these predictions were made")
     elif pred.skipped:
         note(f"evaluated {summary['n_clips']} clip(s), skipped {len(pred.skipped)}")
-        raise typer.Exit(EXIT_SKIPPED)
+        raise typer.Exit(exit_status(summary["n_clips"], len(pred.skipped)))
     raise typer.Exit(EXIT_OK)
 
 
@@ -205,7 +207,7 @@ def _check_options(
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size {batch_size}: expected a positive number of windows")
     if workers is not None and workers < 0:
-        fail(f"--workers {workers}: expected 0 or more threads")
+        fail(f"--workers {workers}: expected 0 or more decoding processes")
     try:
         resolve_window(None, window, hop, target_length)  # the arguments alone; the model's limits later
     except ValueError as e:
@@ -287,7 +289,7 @@ def _predict(
     from sslam_core.evaluation import EvaluationError, class_columns, predict
     from sslam_core.model import Classifier
 
-    dev = pick_device(run["device"])
+    dev = join_ranks(pick_device(run["device"]))
     run["precision"] = check_precision(run["precision"], dev, int8=True)
     try:
         ckpt = read_checkpoint(checkpoint, allow_onnx=True)
@@ -316,7 +318,8 @@ def _predict(
         fail(str(e))
     if stop.requested:
         interrupted(stop, 0, resumable=False)
-    bar = tqdm(total=len(dataset), unit="clip", disable=len(dataset) < 2, file=err_console.file)
+    quiet = len(dataset) < 2 or rank_in_run() > 0  # under torchrun rank 0 shows its progress
+    bar = tqdm(total=len(dataset), unit="clip", disable=quiet, file=err_console.file)
 
     def progress(error: str | None) -> None:
         if error is not None:
@@ -344,8 +347,14 @@ def _predict(
         fail(str(e))
     finally:
         bar.close()
-    if stop.requested:
+    if stop.requested or not pred.complete:
         interrupted(stop, len(pred.paths) + len(pred.skipped), resumable=False)
+    from sslam_core import distributed
+
+    main = distributed.is_main()
+    distributed.cleanup(sync=False)
+    if not main:  # rank 0 reports on every rank's predictions
+        raise typer.Exit(EXIT_OK)
     if not pred.paths:
         fail(f"{data}: all {len(pred.skipped)} clip(s) were skipped (unreadable); nothing to evaluate")
     return pred

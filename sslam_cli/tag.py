@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +15,6 @@ from rich.table import Table
 from tqdm import tqdm
 
 from sslam_cli.common import (
-    EXIT_OK,
-    EXIT_SKIPPED,
-    EXIT_USAGE,
     BatchSize,
     Device,
     Hop,
@@ -30,9 +29,11 @@ from sslam_cli.common import (
     claim_resumable,
     echo,
     err_console,
+    exit_status,
     fail,
     frames_or_fail,
     interrupted,
+    join_ranks,
     load_model_or_fail,
     note,
     parse_norm,
@@ -121,7 +122,11 @@ def tag(
         False, "--resume", help="Finish an interrupted run with --output without redoing finished files."
     ),
 ) -> None:
-    """Tag audio. The clip score of each class is its maximum over the windows of the file."""
+    """Tag audio. The clip score of each class is its maximum over the windows of the file.
+
+    Under `torchrun` each process tags a share of the files balanced by duration, and rank 0 writes
+    all results in input order once every rank has finished (see the README's "Large corpora")."""
+    from sslam_core import distributed
     from sslam_core.checkpoints import DEFAULT_TAGGER
     from sslam_core.events import EVENT_FORMATS, tag_token_steps
     from sslam_core.inputs import collect_inputs
@@ -129,8 +134,8 @@ def tag(
     from sslam_core.labels import LabelError, read_label_csv
     from sslam_core.model import Classifier
     from sslam_core.outputs import OutputError
+    from sslam_core.partition import my_share, report_done, wait_for_ranks
     from sslam_core.tagging import tag as run_tag
-    from sslam_core.text_journal import TextJournal
 
     formats = (*FORMATS[:2], *EVENT_FORMATS) if events else FORMATS
     if fmt not in formats:
@@ -145,7 +150,7 @@ def tag(
         claim_resumable(output, overwrite, resume)
     if plot is not None:
         check_plot_output(plot)
-    dev = pick_device(device)
+    dev = join_ranks(pick_device(device))
     precision = check_precision(precision, dev, int8=True)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
     if not isinstance(model, Classifier):
@@ -182,28 +187,25 @@ def tag(
     settings.update(norm=norm, labels=str(labels) if labels else None, events=repr(detection))
     if events and frame_scores != "window":
         settings.update(frame_scores=frame_scores)
-    journal = None
-    if output is not None:
-        header = _header(fmt)
-        try:
-            journal = TextJournal(output, settings, resume=resume, header=header)
-        except OutputError as e:
-            fail(str(e))
-    else:
+    journal, scratch = _open_journal(output, settings, resume, _header(fmt), fmt)
+    if journal is None:
         echo(_header(fmt))
     done = journal.done if journal else {}
     if done:
         note(f"resuming: {len(done)} file(s) already done in {journal.parts}")
     todo = [(i, path, name) for i, (path, name) in enumerate(inputs.files) if name not in done]
-    selection = 1  # Raven selection numbers run on over files (and over a resumed run's rows)
-    if fmt == "raven" and journal is not None and done:
-        with open(journal.parts / "output", encoding="utf-8") as f:
-            selection = sum(1 for _ in f)
+    share = my_share([path for _, path, _ in todo])  # all of them in one process; a torchrun rank's part
+    todo = todo[share.start : share.stop]
+    selection = 1 + (journal.lines() if fmt == "raven" and done else 0)  # Raven numbers run on
 
     tagged = sum(e is None for e in done.values())
     skipped = len(done) - tagged
     bar = tqdm(
-        total=len(inputs), initial=len(done), unit="file", disable=len(inputs) < 2, file=err_console.file
+        total=len(todo) + len(done) if not distributed.launched() else len(todo),
+        initial=len(done) if not distributed.launched() else 0,
+        unit="file",
+        disable=len(inputs) < 2 or not distributed.is_main(),
+        file=err_console.file,
     )
     with StopRequest() as stop:
         stream = (tag_token_steps if events and frame_scores == "token" else run_tag)(
@@ -250,18 +252,53 @@ def tag(
         finally:
             stream.close()
         bar.close()
+        if journal is not None:
+            journal.close()
+            report_done(journal.parts, journal.run, stop.requested, tagged + skipped)
         if stop.requested:
-            if journal is not None:
-                journal.close()
-            interrupted(stop, tagged + skipped, resumable=journal is not None)
-    if journal is not None:
-        try:
-            journal.finish()
-        except OutputError as e:
-            fail(str(e))
+            interrupted(stop, tagged + skipped, resumable=output is not None)
+        if journal is not None and distributed.is_main():
+            if not wait_for_ranks(journal.parts, journal.run, lambda: stop.requested):
+                interrupted(stop, tagged + skipped, resumable=output is not None)
+            journal.reload()
+            tagged = sum(journal.done.get(n, "") is None for n in inputs.names)
+            skipped = sum(journal.done.get(n) is not None for n in inputs.names)
+            try:
+                journal.finish(inputs.names)
+            except OutputError as e:
+                fail(str(e))
+            if scratch is not None:
+                echo(journal.out.read_text(encoding="utf-8"))
+                shutil.rmtree(scratch, ignore_errors=True)
+    distributed.cleanup(sync=False)
     if len(inputs) > 1 or skipped:
         note(f"tagged {tagged} file(s), skipped {skipped}")
-    raise typer.Exit(EXIT_USAGE if not tagged else EXIT_SKIPPED if skipped else EXIT_OK)
+    raise typer.Exit(exit_status(tagged, skipped))
+
+
+def _open_journal(output: Path | None, settings: dict, resume: bool, header: str, fmt: str):
+    """The journal the results go to: --output's; under torchrun without --output, one in a scratch
+    folder of rank 0's (the ranks must share this machine), printed when all have finished. (None,
+    None) for a single process printing as it goes; else (journal, scratch folder or None)."""
+    from sslam_core import distributed
+    from sslam_core.outputs import OutputError
+    from sslam_core.text_journal import TextJournal
+
+    scratch = None
+    if distributed.launched():
+        if fmt == "raven":
+            fail("raven selection numbers run on over files: write raven tables from one process")
+        if output is None:
+            if not distributed.single_machine():
+                fail("ranks on several machines need --output FILE on a file system they share")
+            scratch = distributed.on_main(lambda: tempfile.mkdtemp(prefix="sslam-tag-"))
+            output = Path(scratch) / "tags"
+    if output is None:
+        return None, None
+    try:
+        return TextJournal(output, settings, resume=resume, header=header), scratch
+    except OutputError as e:
+        fail(str(e))
 
 
 def event_options(threshold: str, off, median, min_duration, min_gap, names, frame_scores: str = "window"):

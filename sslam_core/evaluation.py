@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sslam_core import distributed
 from sslam_core.audio import AudioError, load_audio
 from sslam_core.datasets import LabelledSet
 from sslam_core.metrics import (
@@ -27,6 +28,7 @@ from sslam_core.metrics import (
     roc_auc,
 )
 from sslam_core.outputs import atomic_write
+from sslam_core.partition import my_share
 from sslam_core.tagging import tag
 
 PREDICTION_SUFFIXES = (".npz", ".h5", ".hdf5")
@@ -47,6 +49,7 @@ class Predictions:
     multilabel: bool
     skipped: list[str] = field(default_factory=list)  # one message per file left out
     missing: list[str] = field(default_factory=list)  # clips listed in the labels but without audio
+    complete: bool = True  # False when a stop request (on any torchrun rank) cut the run short
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(len(self.paths), len(self.classes))
@@ -208,7 +211,11 @@ def predict(
     workers, device, precision, normalization). Files that fail to decode are left out and listed in
     `skipped`, clips listed without audio in `missing`; `progress(error_or_None)` is called once per
     file. When `stop()` turns true (checked after each file) the run ends there and the predictions
-    of the files done so far are returned.
+    of the files done so far are returned, with `complete` false.
+
+    Under `torchrun` every rank calls this with the same arguments and predicts its share of the
+    clips (`partition.my_share`); rank 0 gets everyone's predictions in dataset order (incomplete if
+    any rank was stopped), the other ranks their own.
     """
     labels = labels if labels is not None else getattr(model, "labels", None)
     if not labels or len(labels) != model.cfg.num_classes:
@@ -222,10 +229,11 @@ def predict(
     targets = data.targets()[:, kept]
     skipped: list[str] = []
     sources, rows = [], []
-    for row, example in enumerate(data.examples):
+    share = my_share([example.source for example in data.examples])
+    for row in share:
         if stop():
             break
-        source = _source(example, skipped)
+        source = _source(data.examples[row], skipped)
         if source is not None:
             sources.append(source)
             rows.append(row)
@@ -233,8 +241,10 @@ def predict(
             progress(skipped[-1])
     paths, scores, good = [], [], []
     results = tag(model, sources, target_length=target_length, hop=hop, multilabel=multilabel, **run_options)
+    done = len(share) - len(sources)  # those skipped before decoding
     try:
         for row, res in zip(rows, results, strict=False):
+            done += 1
             if res.error is not None:
                 skipped.append(res.error)
             else:
@@ -246,10 +256,17 @@ def predict(
             if stop():
                 break
     finally:
-        results.close()  # an early stop ends the decoding threads and drops the windows queued
+        results.close()  # an early stop ends the decoding workers and drops the windows queued
+    complete = done == len(share) and not stop()
+    shares = distributed.gather_objects((paths, scores, good, skipped, complete))
+    if shares is not None and len(shares) > 1:  # rank 0 of several: everyone's, in dataset order
+        paths, scores, good, skipped = [sum((part[k] for part in shares), []) for k in range(4)]
+        complete = all(part[4] for part in shares)
     matrix = np.stack(scores) if scores else np.zeros((0, len(kept)), dtype=np.float32)
     classes = [data.classes[i] for i in kept]
-    return Predictions(paths, matrix, targets[good], classes, multilabel, skipped, list(data.missing))
+    pred = Predictions(paths, matrix, targets[good], classes, multilabel, skipped, list(data.missing))
+    pred.complete = complete
+    return pred
 
 
 def _finite(value: float) -> float | None:

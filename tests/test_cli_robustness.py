@@ -232,7 +232,7 @@ def test_tag_interrupted_by_a_signal_resumes_to_the_same_output(tmp_path, sig):
     proc = subprocess.Popen(
         [*cmd, "-o", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    index = tmp_path / "tags.csv.parts" / "index.jsonl"
+    index = tmp_path / "tags.csv.parts" / "index-0001-0000.jsonl"  # run 1, rank 0
     _wait_for(lambda: index.exists() and index.read_text().count("\n") >= 2, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

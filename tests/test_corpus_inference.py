@@ -157,3 +157,42 @@ def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
     sslam("tag", *args, "-o", str(out), torchrun=2)
     assert out.read_text() == single
     assert [json.loads(line)["path"] for line in single.splitlines()] == [f"c{i:02d}.wav" for i in range(18)]
+
+
+def test_eval_under_two_ranks_scores_the_gathered_predictions(tmp_path):
+    import torch
+
+    from sslam_core.checkpoints import save_checkpoint
+    from sslam_core.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=10))
+    ckpt = tmp_path / "digits.safetensors"
+    labels = [(str(i), str(i)) for i in range(10)]
+    save_checkpoint(ckpt, model.cfg, model.state_dict(), labels=labels, extra={"multilabel": False})
+    data = ROOT / "tests" / "data" / "fsdd_mini"
+    args = ["eval", "-c", str(ckpt), "--data", str(data), "--target-length", "64", "-f", "json"]
+    single = sslam(*args, "--predictions-out", str(tmp_path / "one.npz"))
+    sharded = sslam(*args, "--predictions-out", str(tmp_path / "two.npz"), torchrun=2)
+    assert json.loads(sharded.stdout) == json.loads(single.stdout)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert sorted(one.files) == sorted(two.files)
+    for key in one.files:
+        assert np.array_equal(one[key], two[key]), key
+
+
+def test_tar_shards_under_two_ranks_equal_one_process(corpus, tmp_path):
+    import tarfile
+
+    files = sorted(corpus.iterdir())
+    for k in range(3):  # three shards of about a third of the clips each
+        with tarfile.open(tmp_path / f"as-{k:03d}.tar", "w") as tar:
+            for f in files[k::3]:
+                tar.add(f, arcname=f"{k}/{f.name}")
+    spec = str(tmp_path / "as-{000..002}.tar")
+    single, sharded = tmp_path / "one.h5", tmp_path / "two.h5"
+    sslam("extract", spec, "-o", str(single), "-c", PRETRAIN, "-g", "frame", check=1)
+    sslam("extract", spec, "-o", str(sharded), "-c", PRETRAIN, "-g", "frame", torchrun=2)
+    assert_same_h5(single, sharded)
+    with h5py.File(sharded) as h5:
+        assert h5["paths"].asstr()[0] == f"{tmp_path}/as-000.tar/0/{files[3].name}"  # files[0]: bad.wav
