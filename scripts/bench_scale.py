@@ -7,7 +7,12 @@ overhead: the pipeline around the model: many short files (FSDD: ~3,000 wavs of 
   in-line run, the CPU capability, the cores and the load average (other work on the machine
   slows every figure).
 
-    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--torch-threads T] [--only overhead]
+torchrun: `sslam extract` of 10 s clips through a seeded `small` encoder, `torchrun` with 2 processes
+  vs 1 process, each with cores / 2 intra-op threads; clips/s end to end (start-up and merge
+  included), the ratio, and whether the two HDF5 files hold the same values.
+
+    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--torch-threads T]
+                                  [--only overhead torchrun] [--torchrun-clips 32]
 
 Prints one JSON object at the end: {"machine": {...}, NAME: {...}, ...}.
 """
@@ -89,7 +94,70 @@ def measure_overhead(args: argparse.Namespace) -> dict:
     return out
 
 
-MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {"overhead": measure_overhead}
+def measure_torchrun(args: argparse.Namespace) -> dict:
+    """Throughput of `sslam extract` under `torchrun` with 2 processes vs 1, each process given the
+    same intra-op threads (cores / 2), on 10 s clips through a seeded `small` encoder; end to end,
+    start-up and merge included, and the two outputs compared value for value."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import h5py
+    import soundfile as sf
+
+    from sslam_core.checkpoints import save_checkpoint
+
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        model = Encoder(preset(args.torchrun_model)).eval()
+        ckpt = root / "model.safetensors"
+        save_checkpoint(ckpt, model.cfg, model.state_dict())
+        rng = np.random.default_rng(0)
+        clips = root / "clips"
+        clips.mkdir()
+        for i in range(args.torchrun_clips):
+            sf.write(clips / f"{i:04d}.wav", (0.1 * rng.standard_normal(160_000)).astype(np.float32), 16000)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        common = ["-m", "sslam_cli", "extract", str(clips), "-c", str(ckpt), "--device", "cpu"]
+        launch = {
+            "1_process": [sys.executable],
+            "2_processes": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+        }
+        seconds: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, launcher in launch.items():
+                out = root / f"{name}.h5"
+                start = time.perf_counter()
+                subprocess.run([*launcher, *common, "-o", str(out), "--overwrite"], env=env, check=True,
+                               capture_output=True)  # fmt: skip
+                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+        with h5py.File(root / "1_process.h5") as a, h5py.File(root / "2_processes.h5") as b:
+            same = bool(np.array_equal(a["clip"][()], b["clip"][()])) and list(a["paths"]) == list(b["paths"])
+    rates = {k: args.torchrun_clips / v for k, v in seconds.items()}
+    ratio = rates["2_processes"] / rates["1_process"]
+    print(
+        f"torchrun, {args.torchrun_clips} x 10 s clips, {args.torchrun_model} encoder, "
+        f"{threads} thread(s) per process:"
+    )
+    for name, rate in rates.items():
+        print(f"  {name:12s} {rate:8.2f} clips/s ({seconds[name]:.1f} s)")
+    print(f"  ratio {ratio:.2f}x; outputs identical: {same}")
+    return {
+        "clips": args.torchrun_clips,
+        "model": args.torchrun_model,
+        "threads_per_process": threads,
+        "clips_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "ratio": round(ratio, 2),
+        "outputs_identical": same,
+    }
+
+
+MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "overhead": measure_overhead,
+    "torchrun": measure_torchrun,
+}
 
 
 def main() -> None:
@@ -102,6 +170,8 @@ def main() -> None:
     parser.add_argument("--target-length", type=int, default=64, help="window in 10 ms frames [64]")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass [32]")
     parser.add_argument("--torch-threads", type=int, help="intra-op threads of the model [torch's default]")
+    parser.add_argument("--torchrun-clips", type=int, default=32, help="torchrun: 10 s clips [32]")
+    parser.add_argument("--torchrun-model", default="small", help="torchrun: encoder preset [small]")
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
