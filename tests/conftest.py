@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +43,19 @@ def fill(folder: Path, name: str = "filler") -> Path:
 def tmpfs(tmp_path):
     """`tmpfs(size, name="disk")`: a context manager mounting a tmpfs under the test's folder."""
     return lambda size, name="disk": mounted_tmpfs(tmp_path / name, size)
+
+
+def child_pids(parent: int | None = None) -> list[int]:
+    """Pids of the child processes of `parent` (default: this process), zombies included, read from
+    /proc (not from multiprocessing, which knows only the children it started)."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry))
+    return found

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import child_pids
 
 from sslam_core.partition import balanced_ranges
 
@@ -88,19 +89,6 @@ def test_two_ranks_write_the_file_one_process_writes(corpus, tmp_path):
     assert not Path(str(sharded) + ".parts").exists()
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
 def test_a_killed_rank_is_finished_by_resume_under_one_process(corpus, tmp_path):
     common = ["-c", PRETRAIN, "-g", "clip", "--flush-every", "1"]
     reference = tmp_path / "reference.h5"
@@ -115,7 +103,7 @@ def test_a_killed_rank_is_finished_by_resume_under_one_process(corpus, tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 3 and run.poll() is None:
         time.sleep(0.05)
-    ranks = _children(run.pid)
+    ranks = child_pids(run.pid)
     assert run.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
     os.kill(max(ranks), signal.SIGKILL)
     _, err = run.communicate(timeout=300)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import child_pids
 
 from sslam_core.inference import AudioSource, Shifted, feature_head, run_windows
 from sslam_core.interrupts import StopRequest
@@ -74,20 +75,6 @@ def files(tmp_path_factory) -> list[str]:
     return paths
 
 
-def children() -> list[int]:
-    """Pids of this process's child processes, zombies included (from /proc, not multiprocessing)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-                found.append(int(entry))
-    return found
-
-
 def run(model, sources, **options):
     options = {"target_length": 128, "hop": 96, "batch_size": 3, **options}
     return run_windows(model, sources, feature_head(model, keep=("clip", "frame")), **options)
@@ -118,7 +105,7 @@ def test_worker_processes_equal_in_line_decoding_bit_for_bit(model, files):
     same(
         list(run(model, sources, workers=1, batch_size=2)), list(run(model, sources, workers=0, batch_size=2))
     )
-    assert children() == []
+    assert child_pids() == []
 
 
 def test_each_files_errors_stay_its_own_in_a_worker(model, files, tmp_path):
@@ -142,38 +129,38 @@ def test_a_worker_that_dies_costs_only_its_file(model, files):
     assert results[3].error == "exited: its decoding process exited unexpectedly (status 3)"
     good = [r for r in results if r.error is None]
     same(good, list(run(model, [files[0], files[3], *files[4:]], workers=0)))
-    assert children() == []
+    assert child_pids() == []
 
 
 def test_early_close_and_errors_leave_no_process_behind(model, files):
     results = run(model, files * 4, workers=2)
     next(results)
-    assert len(children()) == 2
+    assert len(child_pids()) == 2
     results.close()
-    assert children() == [] and multiprocessing.active_children() == []
+    assert child_pids() == [] and multiprocessing.active_children() == []
     with pytest.raises(KeyError):
         for _ in run(model, files * 4, workers=2):
             raise KeyError("the consumer failed")
-    assert children() == []
+    assert child_pids() == []
 
 
 def test_stop_requests_end_the_run_and_workers_leave_signals_to_it(model, files):
     done = []
     for r in run(model, files * 4, workers=2, stop=lambda: bool(done)):
         done.append(r)
-    assert 1 <= len(done) < len(files * 4) and children() == []
+    assert 1 <= len(done) < len(files * 4) and child_pids() == []
     with StopRequest() as request:
         got = []
         for r in run(model, files * 3, workers=2, stop=lambda: request.requested):
             got.append(r)
             if len(got) == 1:
-                for pid in children():  # the workers ignore a first SIGINT / SIGTERM ...
+                for pid in child_pids():  # the workers ignore a first SIGINT / SIGTERM ...
                     os.kill(pid, signal.SIGTERM)
                     os.kill(pid, signal.SIGINT)
             if len(got) == 3:
                 os.kill(os.getpid(), signal.SIGINT)  # ... the main process decides
     assert request.signum == signal.SIGINT and 3 <= len(got) < len(files * 3)
-    assert all(r.error is None for r in got) and children() == []
+    assert all(r.error is None for r in got) and child_pids() == []
 
 
 def test_workers_exit_when_the_main_process_is_killed(files, tmp_path):
