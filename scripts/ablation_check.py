@@ -19,17 +19,17 @@ encoder, and the stage-1 run itself, is probed on the last-block CLS and mean pa
 scikit-learn logistic regressions on standardised frozen features (--probe features; --probe commands
 uses `sslam finetune --linear` + `sslam eval` as learning_check does, ~15 min per encoder on a loaded
 machine): FSDD accuracy; polydigits mAP of one-vs-rest probes that predict each constituent digit of a
-mixture, overall and by polyphony (1 / 2-3 / 4-5 digits), and the share of each mixture's k digits
-among its k best-scored ("digits in top k"). Per run it also records the loss-term trajectory (patch,
-cls, srl per masked patch: first -> last quarter of the logs) and teacher target statistics on 64 FSDD
-clips with the release's partial mix (cosine of a mixture's patch targets to its own clip's clean
-targets and to the partner's, outside the clean windows; the spread of the clean utterance targets
-across clips). Prints mean +- std over seeds per cell (CLS, mean patch) and the "why" table, then
-one JSON object, also written to WORK/ablation.json after every run. Finished runs and probes in
---work are reused, so a rerun with more --seeds only adds the new ones; --only-finished trains nothing
+mixture, overall and by polyphony (1 / 2-3 / 4-5 digits), and the share of each mixture's k digits among
+its k best-scored ("digits in top k"). Per run it also records the loss-term trajectory (patch, cls, srl
+per masked patch: first -> last quarter of the logs) and teacher target statistics on 64 FSDD clips with
+the release's partial mix (cosine of a mixture's patch targets to its own clip's clean targets and to the
+partner's, outside the clean windows, against the cosine of the two clean clips; the spread of the clean
+utterance targets across clips). Prints mean +- std over seeds per cell (CLS, mean patch) and the "why"
+table, then one JSON object, also written to WORK/ablation.json after every run. Finished runs and probes
+in --work are reused, so a rerun with more --seeds only adds the new ones; --only-finished trains nothing
 and reports what is there. --stage2-data fsdd+poly pre-trains stage 2 on the FSDD training recordings
-plus the polydigits training mixtures at --poly-length frames (clean windows scaled to that length),
-in runs named NAME_poly_sK.
+plus the polydigits training mixtures at --poly-length frames (clean windows scaled to that length), in
+runs named NAME_poly_sK.
 """
 
 from __future__ import annotations
@@ -246,10 +246,12 @@ def target_statistics(run: Path, data: dict, clips: int = 64) -> dict:
     outside = ~window_frames(frames, starts, window)[::16].repeat_interleave(freq)
     own = F.cosine_similarity(mix, clean, dim=-1)[:, outside].mean()
     partner = F.cosine_similarity(mix, torch.roll(clean, 1, dims=0), dim=-1)[:, outside].mean()
+    unmixed = F.cosine_similarity(clean, torch.roll(clean, 1, dims=0), dim=-1)[:, outside].mean()
     utterance = clean.mean(dim=1)
     return {
         "cos_mix_own": round(float(own), 3),
         "cos_mix_partner": round(float(partner), 3),
+        "cos_clean_partner": round(float(unmixed), 3),  # two different clips, no mixing: the baseline
         "utt_target_std_over_clips": round(float(utterance.std(dim=0).mean()), 4),
         "utt_target_norm": round(float(utterance.norm(dim=-1).mean() / utterance.shape[-1] ** 0.5), 4),
     }
@@ -292,8 +294,9 @@ def table(cells: dict, pool: str) -> str:
 
 def why_table(per_run: dict, groups: dict) -> str:
     """Loss terms (first -> last quarter of the logs, mean over seeds) and teacher target statistics."""
-    head = "| variant | patch | cls | srl | cos(mix, own clean) | cos(mix, partner) | utt. target std |"
-    lines = [head, "|---" * 7 + "|"]
+    head = "| variant | patch | cls | srl | cos(mix, own clean) | cos(mix, partner) | cos(clean, partner) "
+    head += "| utt. target std |"
+    lines = [head, "|---" * 8 + "|"]
     for name, runs in groups.items():
         rows = [per_run[run.name] for run in runs]
 
@@ -306,7 +309,7 @@ def why_table(per_run: dict, groups: dict) -> str:
             first = avg(lambda r, t=term: r["trajectory"].get(t, [None])[0])
             last = avg(lambda r, t=term: r["trajectory"].get(t, [None, None])[1])
             cells.append("-" if first is None else f"{first:.2f} -> {last:.2f}")
-        for key in ("cos_mix_own", "cos_mix_partner", "utt_target_std_over_clips"):
+        for key in ("cos_mix_own", "cos_mix_partner", "cos_clean_partner", "utt_target_std_over_clips"):
             value = avg(lambda r, k=key: r["targets"].get(k))
             cells.append("-" if value is None else f"{value:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

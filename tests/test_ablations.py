@@ -255,6 +255,6 @@ def test_ablation_check_measures_constituents_and_loss_trajectories(tmp_path):
     assert ablation_check.trajectory(run) == {"patch": [7.5, 1.5], "cls": [100.0, 100.0], "srl": [1.0, 13.0]}
     per_run = {run.name: {"trajectory": ablation_check.trajectory(run), "targets": {"cos_mix_own": 0.8}}}
     why = ablation_check.why_table(per_run, {"sslam": [run]})
-    assert "| sslam | 7.50 -> 1.50 | 100.00 -> 100.00 | 1.00 -> 13.00 | 0.800 | - | - |" in why
+    assert "| sslam | 7.50 -> 1.50 | 100.00 -> 100.00 | 1.00 -> 13.00 | 0.800 | - | - | - |" in why
     cells = {"eat": {f"{m}_cls": ablation_check.spread([50.0]) for m in ablation_check.METRICS[:-1]}}
     assert ablation_check.table(cells, "cls").endswith("| 50.0 ± 0.0 | - |")  # not measured: a dash
