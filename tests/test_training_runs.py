@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import ToyTask, config  # not tests.test_trainer: dcase_util installs a "tests" package
 from typer.testing import CliRunner
 
 from sslam_core import checkpoints, trainer
 from sslam_core.outputs import OutputError
 from sslam_core.trainer import RunFolderError, check_run_folder, train
-from tests.test_trainer import ToyTask, config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
