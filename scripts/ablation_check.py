@@ -384,7 +384,11 @@ def main() -> None:
         cache = work / "probes" / f"{run.name}.json"
         stamp = [(run / "model.safetensors").stat().st_mtime_ns, args.probe]
         if cache.exists() and json.loads(cache.read_text()).get("stamp") == stamp:
-            per_run[run.name] = json.loads(cache.read_text())["result"]
+            result = json.loads(cache.read_text())["result"]
+            if data is not None and "cos_clean_partner" not in result["targets"]:  # cached before it existed
+                result["targets"] = target_statistics(run, data)
+                cache.write_text(json.dumps({"stamp": stamp, "result": result}))
+            per_run[run.name] = result
             return
         if data is None:
             scores = probes(run, splits, poly, work, args)
