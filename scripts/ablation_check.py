@@ -360,7 +360,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
-    args.data_root = args.data_root.resolve()  # the FSDD lists hold paths relative to it
+    args.data_root = args.data_root.resolve()
     work = args.work or Path(tempfile.mkdtemp(prefix="sslam-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
     splits = write_fsdd_split(args.data_root, work)

@@ -10,7 +10,7 @@ from pathlib import Path
 def write_fsdd_split(data_root: Path, work: Path) -> dict[str, Path]:
     """Write work/fsdd_{train,test}.csv (`filename,labels`, absolute paths) and work/fsdd_train_audio.txt."""
     rows = list(csv.DictReader(open(data_root / "fsdd" / "metadata.csv")))
-    recordings = data_root / "fsdd" / "recordings"
+    recordings = data_root.resolve() / "fsdd" / "recordings"  # lists resolve paths from their folder
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for split in ("train", "test"):
