@@ -86,6 +86,18 @@ def check_plot_output(path, flag: str = "--plot") -> None:
         fail(f"{flag}: {e}")
 
 
+def pipeline_options(run: dict, device: torch.device, model, norm: str | None) -> dict:
+    """The inference pipeline's options (`inference.run_windows`) from a command's --batch-size,
+    --workers, --precision and --norm flags (`run` holds the first three by name)."""
+    return {
+        "batch_size": run["batch_size"],
+        "workers": run["workers"],
+        "device": device,
+        "precision": run["precision"],
+        "normalization": parse_norm(norm, model.normalization),
+    }
+
+
 def rank_in_run() -> int:
     """This process's torchrun rank (0 in a single process), read without importing torch."""
     return int(os.environ.get("RANK", "0"))

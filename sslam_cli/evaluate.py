@@ -34,6 +34,7 @@ from sslam_cli.common import (
     parse_folds,
     parse_norm,
     pick_device,
+    pipeline_options,
     rank_in_run,
     render,
     warn,
@@ -337,11 +338,7 @@ def _predict(
             where=checkpoint,
             progress=progress,
             stop=lambda: stop.requested,
-            batch_size=run["batch_size"],
-            workers=run["workers"],
-            device=dev,
-            precision=run["precision"],
-            normalization=parse_norm(norm, model.normalization),
+            **pipeline_options(run, dev, model, norm),
         )
     except EvaluationError as e:
         fail(str(e))

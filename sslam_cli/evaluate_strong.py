@@ -21,8 +21,8 @@ from sslam_cli.common import (
     interrupted,
     load_model_or_fail,
     note,
-    parse_norm,
     pick_device,
+    pipeline_options,
     render,
     warn,
 )
@@ -108,11 +108,7 @@ def evaluate_strong(
             hop=hop,
             progress=progress,
             stop=lambda: stop.requested,
-            batch_size=run["batch_size"],
-            workers=run["workers"],
-            device=dev,
-            precision=run["precision"],
-            normalization=parse_norm(run["norm"], model.normalization),
+            **pipeline_options(run, dev, model, run["norm"]),
         )
         bar.close()
         if stop.requested:
