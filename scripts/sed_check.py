@@ -17,8 +17,8 @@ against polydigits/test/strong.tsv next to a random-init model and a trivial bas
 
 Prints a markdown table (event-F1, segment-F1, PSDS) and one JSON object, also written to
 WORK/results.json. The defaults are finetune_check's budget (4800 pre-training, 1000 fine-tuning
-updates), the least that left the label prior there: roughly 25 minutes on 2 idle cores (estimated);
-the README's run used less (544 pre-training updates, 400 fine-tuning) and stayed at the prior.
+updates), the least that left the label prior there: 23 minutes on 2 cores, measured for the
+README's table with other work beside it.
 """
 
 from __future__ import annotations
