@@ -287,10 +287,11 @@ def exit_status(written: int, skipped: int) -> int:
     on stderr and in the output): torchrun reports any other status as a crash of the whole job."""
     if rank_in_run():
         return EXIT_OK  # rank 0 reports on the whole run; an empty share is no failure
+    from sslam_core import distributed
+
     if not written:
         return EXIT_USAGE
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return EXIT_SKIPPED if skipped and not launched else EXIT_OK
+    return EXIT_SKIPPED if skipped and not distributed.launched() else EXIT_OK
 
 
 def join_ranks(device: torch.device) -> torch.device:

@@ -285,6 +285,7 @@ def _predict(
     stop,
 ):
     """`_run_model` inside its StopRequest `stop`, checked after the set-up and after every file."""
+    from sslam_core import distributed
     from sslam_core.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
     from sslam_core.datasets import DatasetError, read_labelled
     from sslam_core.evaluation import EvaluationError, class_columns, predict
@@ -346,8 +347,6 @@ def _predict(
         bar.close()
     if stop.requested or not pred.complete:
         interrupted(stop, len(pred.paths) + len(pred.skipped), resumable=False)
-    from sslam_core import distributed
-
     main = distributed.is_main()
     distributed.cleanup(sync=False)
     if not main:  # rank 0 reports on every rank's predictions

@@ -200,9 +200,10 @@ def tag(
 
     tagged = sum(e is None for e in done.values())
     skipped = len(done) - tagged
+    resumed = 0 if distributed.launched() else len(done)  # under torchrun the bar counts rank 0's share
     bar = tqdm(
-        total=len(todo) + len(done) if not distributed.launched() else len(todo),
-        initial=len(done) if not distributed.launched() else 0,
+        total=len(todo) + resumed,
+        initial=resumed,
         unit="file",
         disable=len(inputs) < 2 or not distributed.is_main(),
         file=err_console.file,

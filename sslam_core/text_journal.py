@@ -111,11 +111,13 @@ class TextJournal:
 
     def lines(self) -> int:
         """Lines of text written so far, by every stream (Raven selection numbers run on over them)."""
+        ends: dict[str, int] = {}  # a stream's text runs from 0 to its last indexed end, input by input
+        for stream, _, end in self._spans.values():
+            ends[stream] = max(end, ends.get(stream, 0))
         count = 0
-        for stream, start, end in self._spans.values():
+        for stream, end in ends.items():
             with open(self.parts / f"output-{stream}", "rb") as f:
-                f.seek(start)
-                count += f.read(end - start).count(b"\n")
+                count += f.read(end).count(b"\n")
         return count
 
     def close(self) -> None:

@@ -89,20 +89,26 @@ def test_two_ranks_write_the_file_one_process_writes(corpus, tmp_path):
     assert not Path(str(sharded) + ".parts").exists()
 
 
+def start_and_wait_for_parts(cmd: list[str], out: Path, parts: int) -> subprocess.Popen:
+    """Start `cmd` and return once the journal of `out` holds `parts` parts (or the run ended)."""
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = Path(str(out) + ".parts")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(journal.glob("part-*.npz"))) < parts and run.poll() is None:
+        time.sleep(0.05)
+    return run
+
+
 def test_a_killed_rank_is_finished_by_resume_under_one_process(corpus, tmp_path):
     common = ["-c", PRETRAIN, "-g", "clip", "--flush-every", "1"]
     reference = tmp_path / "reference.h5"
     sslam("extract", str(corpus), "-o", str(reference), *common, check=1)
     out = tmp_path / "killed.h5"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    run = subprocess.Popen(
-        [*launcher, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    run = start_and_wait_for_parts(
+        [*launcher, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common], out, 3
+    )
     parts = Path(str(out) + ".parts")
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 3 and run.poll() is None:
-        time.sleep(0.05)
     ranks = child_pids(run.pid)
     assert run.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
     os.kill(max(ranks), signal.SIGKILL)
@@ -120,14 +126,9 @@ def test_resume_under_two_ranks_finishes_a_single_process_run(corpus, tmp_path):
     reference = tmp_path / "reference.h5"
     sslam("extract", str(corpus), "-o", str(reference), *common, check=1)
     out = tmp_path / "out.h5"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    parts = Path(str(out) + ".parts")
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 2 and run.poll() is None:
-        time.sleep(0.05)
+    run = start_and_wait_for_parts(
+        [sys.executable, "-m", "sslam_cli", "extract", str(corpus), "-o", str(out), *common], out, 2
+    )
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 143, err[-2000:]
