@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .transfer import to_device
+
 PATCH = 16
 
 
@@ -80,8 +82,10 @@ def partial_mix(
 ) -> Tensor:
     """Mix clip i with clip partners[i] (default i-1, cyclic): element-wise max outside the windows,
     clip i alone inside."""
-    partner = torch.roll(source, 1, dims=0) if partners is None else source[partners.to(source.device)]
-    inside = window_frames(source.shape[2], starts, window).to(source.device)[None, None, :, None]
+    partner = (
+        torch.roll(source, 1, dims=0) if partners is None else source[to_device(partners, source.device)]
+    )
+    inside = to_device(window_frames(source.shape[2], starts, window), source.device)[None, None, :, None]
     return torch.where(inside, source, torch.maximum(source, partner))
 
 
