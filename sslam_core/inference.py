@@ -25,6 +25,7 @@ from sslam_core.audio import AudioError, audio_info, resample, stream_audio
 from sslam_core.decode_workers import TaskFailed, ordered_map
 from sslam_core.frontend import prepare_input
 from sslam_core.model import FREQ_PATCHES, Classifier
+from sslam_core.precision import strict_fp32
 
 SAMPLE_RATE = 16000
 HOP_SAMPLES = 160  # 10 ms frame shift
@@ -267,8 +268,11 @@ def cut_windows(
 
 
 def autocast(device: torch.device, precision: str):
-    """Autocast context for `precision` (fp32 = none; int8 models are ONNX Runtime graphs: none)."""
-    if precision in ("fp32", "int8"):
+    """Autocast context for `precision` (fp32: full fp32, TF32 off on a GPU; int8 models are ONNX
+    Runtime graphs: none)."""
+    if precision == "fp32":
+        return strict_fp32(device)
+    if precision == "int8":
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -471,7 +475,8 @@ def default_batching(device: torch.device, batch_size: int | None, workers: int 
     3,000 FSDD files through a one-block model ran at 349 files/s in line vs 318 / 267 with 1 / 2
     worker processes (one intra-op thread; scripts/bench_scale.py), and decoding a 10 s 44.1 kHz
     stereo file (~19 ms there) is ~3% of a ViT-B's 0.6 s per clip. On GPU: batches of 32 and 4
-    processes to keep it fed (scripts/gpu_bench_scale.py measures 16)."""
+    processes to keep it fed (on one H200, scripts/gpu_check.py measured 8 / 16 / 24 processes at
+    543 / 515 / 426 clips/s: the main process is the limit there, see docs/gpu.md)."""
     cpu = torch.device(device).type == "cpu"
     return batch_size or (4 if cpu else 32), workers if workers is not None else (0 if cpu else 4)
 
@@ -529,9 +534,10 @@ def run_windows(
         launched, so that it computes while this process gathers the batch after."""
         if features is not None:  # computed per window where it was decoded
             x = torch.cat([w.input for w in queue])
-        else:
+        else:  # the front end in full fp32 whatever the model's precision
             waves = _on_device([w.wave for w in queue], device)
-            x = prepare_input(waves, target_length=target_length, norm=normalization)
+            with torch.inference_mode(), strict_fp32(device):
+                x = prepare_input(waves, target_length=target_length, norm=normalization)
         with torch.inference_mode(), autocast(device, precision):
             out = head(x)
         batch: list[Window | None] = list(queue)

@@ -15,6 +15,8 @@ comma-separated list of flags as /proc/cpuinfo names them, e.g. `avx2`, `avx512f
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +134,32 @@ __all__ = [
     "parse_flags",
     "resolve_precision",
 ]
+
+
+@contextmanager
+def strict_fp32(device: torch.device) -> Iterator[None]:
+    """fp32 arithmetic in full precision on a GPU: TF32 off for matrix products and convolutions while
+    the block runs, whatever the process set before. `--precision fp32` means fp32: PyTorch allows TF32
+    in cuDNN convolutions by default, and training code often turns it on for matrix products
+    (`torch.set_float32_matmul_precision("high")`), which would make the library's fp32 results depend
+    on the caller. The user's settings come back afterwards. On a CPU (no TF32) it does nothing."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        saved = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for k, v in zip(knobs, saved, strict=True):
+                k.fp32_precision = v
+        return
+    saved_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_flags

@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from sslam_cli.main import app
 from sslam_core import precision
-from sslam_core.precision import CpuCapability, auto_precision, cpu_capability, parse_flags, resolve_precision
+from sslam_core.precision import (
+    CpuCapability,
+    auto_precision,
+    cpu_capability,
+    parse_flags,
+    resolve_precision,
+    strict_fp32,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGGER = ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt"
@@ -119,3 +126,25 @@ def test_bf16_on_a_cpu_without_native_bf16_says_so():
     emulated = sslam(*args, env={precision.ENV: "avx2"}).stderr
     assert "no native bf16" in emulated and "AVX2" in emulated
     assert "no native bf16" not in sslam(*args, env={precision.ENV: "avx512f,avx512_bf16"}).stderr
+
+
+def test_strict_fp32_turns_tf32_off_for_a_gpu_block_and_restores_it():
+    """`--precision fp32` on a GPU means IEEE fp32: PyTorch's default TF32 convolutions (the patch
+    embedding) moved a ViT-B's CUDA outputs from the CPU's; the block switches TF32 off and restores the
+    user's settings after, also when the block raises. Flags only: this runs on a CPU build too."""
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        with strict_fp32(torch.device("cuda")):
+            assert [k.fp32_precision for k in knobs] == ["ieee", "ieee"]
+        assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+        with pytest.raises(RuntimeError), strict_fp32(torch.device("cuda")):
+            raise RuntimeError("boom")
+        assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+        with strict_fp32(torch.device("cpu")):  # nothing to switch on a CPU
+            assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+    finally:
+        for k, v in zip(knobs, saved, strict=True):
+            k.fp32_precision = v
