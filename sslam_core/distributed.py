@@ -44,18 +44,30 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
 INFERENCE_TIMEOUT = timedelta(days=7)
 
 
+def under_torchrun() -> bool:
+    """True when torchrun (or another launcher setting RANK and MASTER_ADDR) started this process,
+    whatever the number of processes."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+
+
 def init_distributed(
-    device: str | torch.device | None = None, backend: str | None = None, timeout: timedelta | None = None
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+    timeout: timedelta | None = None,
+    single: bool = True,
 ) -> DistInfo:
     """Join the process group from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU,
-    unless `backend` says otherwise: inference passes gloo, as it exchanges only Python objects)."""
+    unless `backend` says otherwise: inference passes gloo, as it exchanges only Python objects).
+    single: join it under torchrun with one process too (training: a one-GPU `torchrun` trial then
+    runs DDP over NCCL as N GPUs will); without torchrun nothing is joined."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    join = world_size > 1 or (single and under_torchrun())
+    if join and not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
@@ -70,7 +82,17 @@ def init_distributed(
 
 def init_inference(device: str | torch.device | None = None) -> DistInfo:
     """Join the ranks of a `torchrun` inference run (gloo, a week's timeout); a no-op single process."""
-    return init_distributed(device, backend="gloo", timeout=INFERENCE_TIMEOUT)
+    return init_distributed(device, backend="gloo", timeout=INFERENCE_TIMEOUT, single=False)
+
+
+def joined() -> bool:
+    """True inside an initialised process group, of any size (see `init_distributed`'s `single`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def backend() -> str | None:
+    """The process group's backend (nccl, gloo), None outside one."""
+    return str(dist.get_backend()) if joined() else None
 
 
 def launched() -> bool:

@@ -227,6 +227,7 @@ def _train(
 
     if main:
         resolved = {**config.to_dict(), "world_size": info.world_size, "device": str(device)}
+        resolved["process_group"] = distributed.backend()
         write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
         for name, text in files.items():
             write_text(out / name, text)
@@ -239,9 +240,10 @@ def _train(
         distributed.barrier()
         return _summary(config, out, step, start_step, 0.0, {}, best, main)
 
-    # Multi-process: gradients averaged by DDP through a module whose forward is the task's loss.
+    # Under torchrun (any number of processes): gradients averaged by DDP through a module whose
+    # forward is the task's loss.
     loss_module = _LossModule(task)
-    if info.world_size > 1:
+    if distributed.joined():
         ddp = nn.parallel.DistributedDataParallel(
             loss_module,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -316,7 +318,8 @@ def _train(
         # Update: unscale, clip, step, schedule.
         scaler.unscale_(optimizer)
         max_norm = config.clip_grad if config.clip_grad > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # a tensor until it is logged: reading it here would make the host wait for the GPU each step
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -332,7 +335,7 @@ def _train(
         if step % config.log_every == 0 or step == end or stopping:
             now = time.perf_counter()
             values = {k: float(v) / micro_steps for k, v in sums.items()}
-            values["grad_norm"] = grad_norm
+            values["grad_norm"] = float(grad_norm)
             values = distributed.all_reduce_mean(values, device if device.type == "cuda" else None)
             clips_per_s = clips_since_log * info.world_size / max(now - log_start, 1e-9)
             last = {"step": step, "epoch": epoch, "lr": lr, **values, **(extra or {})}

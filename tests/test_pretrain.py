@@ -152,6 +152,18 @@ def test_eat_from_scratch_trains_skips_bad_files_and_continues_as_sslam(tmp_path
     assert "do not fit" in bad_window.stderr and "Traceback" not in bad_window.stderr
 
 
+def test_torchrun_with_one_process_trains_through_ddp_like_n(tmp_path):
+    """`torchrun --nproc_per_node 1` joins a process group (gloo here, NCCL on a GPU) and trains
+    through DDP as N processes would, so a one-GPU trial exercises the N-GPU path; the weights equal
+    a plain run's. Before, one process under torchrun skipped the group and DDP altogether."""
+    common = ["--stage", "sslam", "--init", OFFICIAL, "--steps", "2", *SMALL]
+    plain = report(sslam("pretrain", *CLIPS, "-o", str(tmp_path / "plain"), *common))
+    launched = report(sslam("pretrain", *CLIPS, "-o", str(tmp_path / "one"), *common, torchrun=1))
+    assert launched["rank_checksums"] == plain["rank_checksums"]
+    groups = [json.loads((tmp_path / n / "config.json").read_text()) for n in ("plain", "one")]
+    assert [(g["world_size"], g["process_group"]) for g in groups] == [(1, None), (1, "gloo")]
+
+
 def test_torchrun_two_cpu_ranks_stay_in_sync_and_resume_exactly(tmp_path):
     common = ["--stage", "sslam", "--init", OFFICIAL, "--steps", "4", "--save-every", "2", *SMALL]
     whole = report(sslam("pretrain", *CLIPS, "-o", str(tmp_path / "whole"), *common, torchrun=2))
