@@ -134,8 +134,8 @@ def load_inputs(root: Path, frames: int, poly_frames: int, every: int = 1) -> di
     import numpy as np
     import torch
 
-    from sslam_core.audio import load_audio
-    from sslam_core.frontend import prepare_input
+    from sslam_core.audio.decode import load_audio
+    from sslam_core.audio.frontend import prepare_input
 
     def fbanks(paths: list[Path], length: int) -> torch.Tensor:
         waves = [load_audio(path) for path in paths]
@@ -191,8 +191,8 @@ def feature_probes(run: Path, data: dict) -> dict:
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from sslam_core.checkpoints import load_model
-    from sslam_core.metrics import average_precision, polyphony_report
+    from sslam_core.evaluation.metrics import average_precision, polyphony_report
+    from sslam_core.models.checkpoints import load_model
 
     encoder = load_model(run)
     fsdd, train = pooled(encoder, data["fsdd_x"]), data["fsdd_train"]
@@ -224,10 +224,10 @@ def target_statistics(run: Path, data: dict, clips: int = 64) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sslam_core.checkpoints import load_model
-    from sslam_core.mixing import choose_windows, partial_mix, window_frames
-    from sslam_core.objective import regression_targets
-    from sslam_core.pretraining import scaled_window
+    from sslam_core.models.checkpoints import load_model
+    from sslam_core.training.mixing import choose_windows, partial_mix, window_frames
+    from sslam_core.training.objective import regression_targets
+    from sslam_core.training.pretraining import scaled_window
 
     teacher = load_model(run, teacher=True)
     x = data["fsdd_x"][data["fsdd_train"]][:: max(1, int(data["fsdd_train"].sum()) // clips)][:clips]

@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sslam_core.audio import load_audio
-from sslam_core.checkpoints import Checkpoint, save_checkpoint
-from sslam_core.frontend import prepare_input
-from sslam_core.model import Encoder, build_model, preset
-from sslam_core.onnx_backend import open_session, run_session
-from sslam_core.onnx_export import export_checkpoint, quantize_int8
-from sslam_core.precision import cpu_capability
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.frontend import prepare_input
+from sslam_core.models.checkpoints import Checkpoint, save_checkpoint
+from sslam_core.models.onnx_export import export_checkpoint, quantize_int8
+from sslam_core.models.onnx_runtime import open_session, run_session
+from sslam_core.models.precision import cpu_capability
+from sslam_core.models.transformer import Encoder, build_model, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

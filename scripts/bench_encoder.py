@@ -17,7 +17,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from sslam_core.model import Encoder, count_flops, preset
+from sslam_core.models.transformer import Encoder, count_flops, preset
 
 
 class RefAttention(nn.Module):
@@ -135,7 +135,7 @@ def main() -> None:
         f"ViT-B, input ({args.batch}, 1, {args.frames}, 128), {args.dtype}, {device}, {args.threads} threads"
     )
     print(f"reference (explicit attention): {t_ref:.3f} s/clip  {flops / t_ref / 1e9:7.1f} GFLOP/s")
-    print(f"ours (sslam_core.model):        {t_ours:.3f} s/clip  {flops / t_ours / 1e9:7.1f} GFLOP/s")
+    print(f"ours (models.transformer):       {t_ours:.3f} s/clip  {flops / t_ours / 1e9:7.1f} GFLOP/s")
     print(f"speed-up: {t_ref / t_ours:.2f}x   max abs diff: {diff:.2e}")
     print(
         f"matmul peak (2048^2): {peak:.1f} GFLOP/s -> floor {flops / peak / 1e9:.3f} s/clip; ours at "

@@ -24,12 +24,12 @@ import soundfile as sf
 import torch
 from bench_encoder import RefEncoder
 
-from sslam_core.audio import resample
-from sslam_core.checkpoints import save_checkpoint
-from sslam_core.embeddings import embed
-from sslam_core.frontend import prepare_input
-from sslam_core.inference import default_batching
-from sslam_core.model import Encoder, preset
+from sslam_core.audio.decode import resample
+from sslam_core.audio.frontend import prepare_input
+from sslam_core.inference.embeddings import embed
+from sslam_core.inference.pipeline import default_batching
+from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.transformer import Encoder, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

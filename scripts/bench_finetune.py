@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from sslam_core.augment import AugmentConfig, augment
-from sslam_core.finetuning import classification_loss
-from sslam_core.model import Classifier, count_flops, preset
-from sslam_core.optim import build_optimizer, set_lr
+from sslam_core.data.augment import AugmentConfig, augment
+from sslam_core.models.transformer import Classifier, count_flops, preset
+from sslam_core.training.finetuning import classification_loss
+from sslam_core.training.optim import build_optimizer, set_lr
 
 
 def main() -> None:

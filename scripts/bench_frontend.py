@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from sslam_core.frontend import fbank
+from sslam_core.audio.frontend import fbank
 
 
 def reference_loop() -> tuple[str, Callable[[torch.Tensor], list[torch.Tensor]]]:

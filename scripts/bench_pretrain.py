@@ -21,12 +21,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from sslam_core.frontend import prepare_input
-from sslam_core.model import preset
-from sslam_core.objective import PretrainingModel
-from sslam_core.pretraining import PretrainTask, objective_config, resolve_settings, train_config
-from sslam_core.trainer import train
-from sslam_core.training_data import AudioBatches, ClipDataset, crop_samples, crop_start, shard_indices
+from sslam_core.audio.frontend import prepare_input
+from sslam_core.data.training_clips import AudioBatches, ClipDataset, crop_samples, crop_start, shard_indices
+from sslam_core.models.transformer import preset
+from sslam_core.training.objective import PretrainingModel
+from sslam_core.training.pretraining import PretrainTask, objective_config, resolve_settings, train_config
+from sslam_core.training.trainer import train
 
 
 class SyntheticClips(ClipDataset):

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslam_core.embeddings import embed
-from sslam_core.model import Encoder, preset
+from sslam_core.inference.embeddings import embed
+from sslam_core.models.transformer import Encoder, preset
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -105,7 +105,7 @@ def measure_torchrun(args: argparse.Namespace) -> dict:
     import h5py
     import soundfile as sf
 
-    from sslam_core.checkpoints import save_checkpoint
+    from sslam_core.models.checkpoints import save_checkpoint
 
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     with tempfile.TemporaryDirectory() as tmp:

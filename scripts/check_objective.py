@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslam_core.objective import ObjectiveConfig, PretrainingModel
+from sslam_core.training.objective import ObjectiveConfig, PretrainingModel
 
 
 class FixtureError(ValueError):

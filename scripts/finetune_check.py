@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sslam_core.checkpoints import read_checkpoint
-from sslam_core.datasets import read_labelled
-from sslam_core.finetuning import (
+from sslam_core.data.datasets import read_labelled
+from sslam_core.evaluation.metrics import polyphony_report
+from sslam_core.models.checkpoints import read_checkpoint
+from sslam_core.models.transformer import preset
+from sslam_core.training.finetuning import (
     FinetuneConfig,
     FinetuneTask,
     default_steps,
@@ -34,8 +36,6 @@ from sslam_core.finetuning import (
     recipe,
     scores_report,
 )
-from sslam_core.metrics import polyphony_report
-from sslam_core.model import preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_check  # noqa: E402

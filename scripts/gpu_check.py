@@ -52,18 +52,18 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from sslam_core.audio import load_audio  # noqa: E402
-from sslam_core.checkpoints import save_checkpoint  # noqa: E402
-from sslam_core.embeddings import embed  # noqa: E402
-from sslam_core.frontend import prepare_input  # noqa: E402
-from sslam_core.inference import run_windows  # noqa: E402
-from sslam_core.labels import audioset_labels  # noqa: E402
-from sslam_core.model import Classifier, Encoder, count_flops, preset  # noqa: E402
-from sslam_core.objective import PretrainingModel  # noqa: E402
-from sslam_core.optim import build_optimizer, param_groups  # noqa: E402
-from sslam_core.precision import strict_fp32  # noqa: E402
-from sslam_core.pretraining import PretrainTask, objective_config, resolve_settings, train_config  # noqa: E402
-from sslam_core.trainer import train  # noqa: E402
+from sslam_core.audio.decode import load_audio  # noqa: E402
+from sslam_core.audio.frontend import prepare_input  # noqa: E402
+from sslam_core.data.labels import audioset_labels  # noqa: E402
+from sslam_core.inference.embeddings import embed  # noqa: E402
+from sslam_core.inference.pipeline import run_windows  # noqa: E402
+from sslam_core.models.checkpoints import save_checkpoint  # noqa: E402
+from sslam_core.models.precision import strict_fp32  # noqa: E402
+from sslam_core.models.transformer import Classifier, Encoder, count_flops, preset  # noqa: E402
+from sslam_core.training.objective import PretrainingModel  # noqa: E402
+from sslam_core.training.optim import build_optimizer, param_groups  # noqa: E402
+from sslam_core.training.pretraining import PretrainTask, objective_config, resolve_settings, train_config  # noqa: E402
+from sslam_core.training.trainer import train  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 REAL_CLIPS = ["real_32k.wav", "robin.ogg", "typing_stereo_48k.flac", "acoustic_scene_2s.mp3"]

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sslam_core.checkpoints import load_model, save_checkpoint
-from sslam_core.datasets import LabelledSet, read_labelled
-from sslam_core.embeddings import embed
-from sslam_core.evaluation import predict, summarize
-from sslam_core.model import Encoder, preset
-from sslam_core.precision import cpu_capability
+from sslam_core.data.datasets import LabelledSet, read_labelled
+from sslam_core.evaluation.classification import predict, summarize
+from sslam_core.inference.embeddings import embed
+from sslam_core.models.checkpoints import load_model, save_checkpoint
+from sslam_core.models.precision import cpu_capability
+from sslam_core.models.transformer import Encoder, preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_check  # noqa: E402

@@ -22,11 +22,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from sslam_core.audio import load_audio
-from sslam_core.checkpoints import load_model
-from sslam_core.frontend import prepare_input
-from sslam_core.model import Encoder, preset
-from sslam_core.objective import regression_targets
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.frontend import prepare_input
+from sslam_core.models.checkpoints import load_model
+from sslam_core.models.transformer import Encoder, preset
+from sslam_core.training.objective import regression_targets
 
 
 def fsdd_inputs(root: Path, frames: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

@@ -36,8 +36,8 @@ import finetune_check  # noqa: E402
 import learning_check  # noqa: E402
 from fsdd import write_fsdd_split  # noqa: E402
 
-from sslam_core.datasets import read_labelled  # noqa: E402
-from sslam_core.strong_eval import StrongOptions, read_strong_events, score, step_table  # noqa: E402
+from sslam_core.data.datasets import read_labelled  # noqa: E402
+from sslam_core.evaluation.strong import StrongOptions, read_strong_events, score, step_table  # noqa: E402
 
 FRAMES = 208  # polydigits clips are 2 s: one window holds a whole clip
 INITS = ("pretrained", "random")

@@ -76,7 +76,7 @@ def claim_resumable(path, overwrite: bool, resume: bool):
 
 def check_plot_output(path, flag: str = "--plot") -> None:
     """A PNG output needs a .png name and matplotlib (the `plot` extra): say so before any work."""
-    from sslam_core.plots import pyplot
+    from sslam_core.evaluation.plots import pyplot
 
     if path.suffix.lower() != ".png":
         fail(f"{flag} {path}: expected a .png file")
@@ -113,7 +113,7 @@ def note(message: str) -> None:
 
 def claim_or_fail(path, overwrite: bool = False, flag: str = "--overwrite"):
     """`outputs.claim_output`, with any refusal as one error line and exit status 2."""
-    from sslam_core.outputs import OutputError, claim_output
+    from sslam_core.runs.outputs import OutputError, claim_output
 
     try:
         return claim_output(path, overwrite, flag)
@@ -141,7 +141,7 @@ def check_precision(precision: str, device: torch.device, int8: bool = False) ->
     checkpoint's ONNX Runtime int8 model (quantised on first use and cached, see
     `checkpoints.load_model`), and auto, resolved by `precision.auto_precision` with one note saying
     what it chose and why."""
-    from sslam_core.precision import auto_precision, cpu_capability
+    from sslam_core.models.precision import auto_precision, cpu_capability
 
     choices = ("fp32", "bf16", "fp16", "int8", "auto") if int8 else ("fp32", "bf16", "fp16")
     if precision not in choices:
@@ -165,7 +165,7 @@ def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
     AudioSet's. Anything else is one error line, before any work is done."""
     import math
 
-    from sslam_core.frontend import NORMALIZATION
+    from sslam_core.audio.frontend import NORMALIZATION
 
     presets = ", ".join(NORMALIZATION)
     if norm is None:
@@ -186,7 +186,7 @@ def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
 def frames_or_fail(model, window: float | None, hop: float | None, target_length: int | None = None):
     """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line; a note
     when the window is longer than what the model was trained on."""
-    from sslam_core.inference import resolve_window, window_warning
+    from sslam_core.inference.pipeline import resolve_window, window_warning
 
     try:
         frames, hop_frames = resolve_window(model, window, hop, target_length)
@@ -211,7 +211,7 @@ def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:
 def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False, precision: str = "fp32"):
     """Load a checkpoint (an `.onnx` export too; `precision="int8"`: its cached ONNX Runtime int8
     model); any problem becomes one line and exit status 2."""
-    from sslam_core.checkpoints import CheckpointError, load_model
+    from sslam_core.models.checkpoints import CheckpointError, load_model
 
     try:
         return load_model(checkpoint, device=device, teacher=teacher, precision=precision)
@@ -221,7 +221,7 @@ def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = Fa
 
 def write_text_atomic(path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename; a write error is one line, exit 2."""
-    from sslam_core.outputs import OutputError, write_text
+    from sslam_core.runs.outputs import OutputError, write_text
 
     try:
         write_text(path, text)
@@ -287,7 +287,7 @@ def exit_status(written: int, skipped: int) -> int:
     on stderr and in the output): torchrun reports any other status as a crash of the whole job."""
     if rank_in_run():
         return EXIT_OK  # rank 0 reports on the whole run; an empty share is no failure
-    from sslam_core import distributed
+    from sslam_core.runs import distributed
 
     if not written:
         return EXIT_USAGE
@@ -297,7 +297,7 @@ def exit_status(written: int, skipped: int) -> int:
 def join_ranks(device: torch.device) -> torch.device:
     """Join the other processes of a `torchrun` inference run (gloo) and return this process's
     device (CUDA device LOCAL_RANK); the device as given in a single process."""
-    from sslam_core import distributed
+    from sslam_core.runs import distributed
 
     if not distributed.launched():
         return device

@@ -117,7 +117,7 @@ def evaluate(
     """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-k accuracy (multi-class), with the
     windowing of `sslam tag` (a clip's score is the maximum over its windows); with --strong, sound
     events against strong labels."""
-    from sslam_core.evaluation import EvaluationError, Predictions, per_class, summarize
+    from sslam_core.evaluation.classification import EvaluationError, Predictions, per_class, summarize
 
     if strong is not None:
         from sslam_cli.evaluate_strong import evaluate_strong
@@ -197,8 +197,8 @@ def _check_options(
     workers: int | None,
 ) -> None:
     """Every argument that can be checked without the model or the data, as one error line."""
-    from sslam_core.evaluation import PREDICTION_SUFFIXES
-    from sslam_core.inference import resolve_window
+    from sslam_core.evaluation.classification import PREDICTION_SUFFIXES
+    from sslam_core.inference.pipeline import resolve_window
 
     if fmt not in ("table", "json"):
         fail(f"--format {fmt!r}: choose table or json")
@@ -233,8 +233,8 @@ def _check_distinct(outputs: dict[str, Path | None], inputs: list) -> None:
 
 def _write_reports(pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str):
     """Write the requested report files atomically; a failure is one line naming the file, exit 2."""
-    from sslam_core.evaluation import headline, per_class_csv
-    from sslam_core.outputs import OutputError, write_text
+    from sslam_core.evaluation.classification import headline, per_class_csv
+    from sslam_core.runs.outputs import OutputError, write_text
 
     try:
         if outputs["predictions"] is not None:
@@ -244,7 +244,7 @@ def _write_reports(pred, rows: list[dict], summary: dict, outputs: dict[str, Pat
         if outputs["missing"] is not None:
             write_text(outputs["missing"], "".join(f"{clip}\n" for clip in pred.missing))
         if outputs["plot"] is not None:
-            from sslam_core.plots import plot_class_ap
+            from sslam_core.evaluation.plots import plot_class_ap
 
             name, value = headline(summary)
             try:
@@ -267,7 +267,7 @@ def _run_model(
 ):
     """Load the checkpoint and the data set, run the model, report skipped files on stderr; a SIGINT or
     SIGTERM stops after the batch in flight with one line and exit status 130 / 143."""
-    from sslam_core.interrupts import StopRequest
+    from sslam_core.runs.interrupts import StopRequest
 
     with StopRequest() as stop:
         return _predict(checkpoint, data, audio_dir, folds, multilabel, norm, frames, run, stop)
@@ -285,11 +285,11 @@ def _predict(
     stop,
 ):
     """`_run_model` inside its StopRequest `stop`, checked after the set-up and after every file."""
-    from sslam_core import distributed
-    from sslam_core.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
-    from sslam_core.datasets import DatasetError, read_labelled
-    from sslam_core.evaluation import EvaluationError, class_columns, predict
-    from sslam_core.model import Classifier
+    from sslam_core.data.datasets import DatasetError, read_labelled
+    from sslam_core.evaluation.classification import EvaluationError, class_columns, predict
+    from sslam_core.models.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
+    from sslam_core.models.transformer import Classifier
+    from sslam_core.runs import distributed
 
     dev = join_ranks(pick_device(run["device"]))
     run["precision"] = check_precision(run["precision"], dev, int8=True)

@@ -42,11 +42,9 @@ def evaluate_strong(
     """Run the model over the files of `strong` as `tag --events` would, score the events and the step
     scores (options in `metric`: collar, offset_collar_rate, segment_length), print a table or one
     JSON object; exits (status 1 when files were skipped)."""
-    from sslam_core.datasets import DatasetError, read_labelled
-    from sslam_core.evaluation import EvaluationError, class_columns
-    from sslam_core.interrupts import StopRequest
-    from sslam_core.model import Classifier
-    from sslam_core.strong_eval import (
+    from sslam_core.data.datasets import DatasetError, read_labelled
+    from sslam_core.evaluation.classification import EvaluationError, class_columns
+    from sslam_core.evaluation.strong import (
         SedUnavailable,
         StrongEvalError,
         StrongOptions,
@@ -55,6 +53,8 @@ def evaluate_strong(
         read_strong_events,
         score_predictions,
     )
+    from sslam_core.models.transformer import Classifier
+    from sslam_core.runs.interrupts import StopRequest
 
     if checkpoint is None:
         fail("--strong scores a model's events: pass --checkpoint too")

@@ -91,13 +91,13 @@ def extract(
     Under `torchrun` each process takes a share of the files balanced by duration and rank 0 merges
     them into the same file one process would write (see the README's "Large corpora")."""
     import sslam_core
-    from sslam_core import distributed
-    from sslam_core.checkpoints import DEFAULT_ENCODER
-    from sslam_core.embeddings import extract_to_h5, frame_shifts, granularities
-    from sslam_core.feature_store import COMPRESSIONS, StoreError
-    from sslam_core.inputs import collect_inputs
-    from sslam_core.interrupts import StopRequest
-    from sslam_core.outputs import OutputError
+    from sslam_core.data.inputs import collect_inputs
+    from sslam_core.inference.embeddings import extract_to_h5, frame_shifts, granularities
+    from sslam_core.models.checkpoints import DEFAULT_ENCODER
+    from sslam_core.runs import distributed
+    from sslam_core.runs.feature_store import COMPRESSIONS, StoreError
+    from sslam_core.runs.interrupts import StopRequest
+    from sslam_core.runs.outputs import OutputError
 
     try:
         keep = granularities(granularity)

@@ -15,8 +15,8 @@ def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multi
     the split record of --valid-fraction (`saved_split` on resume, else a new seeded split)."""
     from dataclasses import replace
 
-    from sslam_core.datasets import read_labelled, split_examples
-    from sslam_core.finetuning import apply_split, split_record
+    from sslam_core.data.datasets import read_labelled, split_examples
+    from sslam_core.training.finetuning import apply_split, split_record
 
     train_set = read_labelled(data, audio_dir, folds=folds or None, multilabel=multilabel)
     for name in train_set.missing[:1]:
@@ -112,10 +112,11 @@ def finetune(
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core import distributed
-    from sslam_core.checkpoints import CheckpointError, read_checkpoint
-    from sslam_core.datasets import DatasetError
-    from sslam_core.finetuning import (
+    from sslam_core.data.datasets import DatasetError
+    from sslam_core.models.checkpoints import CheckpointError, read_checkpoint
+    from sslam_core.models.transformer import preset
+    from sslam_core.runs import distributed
+    from sslam_core.training.finetuning import (
         FinetuneConfig,
         FinetuneError,
         FinetuneTask,
@@ -123,9 +124,8 @@ def finetune(
         read_split,
         recipe,
     )
-    from sslam_core.finetuning import finetune as run
-    from sslam_core.model import preset
-    from sslam_core.trainer import RunFolderError, check_run_folder, fit_batch_size
+    from sslam_core.training.finetuning import finetune as run
+    from sslam_core.training.trainer import RunFolderError, check_run_folder, fit_batch_size
 
     if steps is not None and epochs is not None:
         fail("give --steps or --epochs, not both")

@@ -46,9 +46,9 @@ def _setup(
     ),
 ) -> None:
     """Process-wide settings shared by every command: the heap setting, and decoder libraries' chatter
-    kept off stderr (see `sslam_core.native_stderr`)."""
-    from sslam_core.native_stderr import filter_native_stderr
-    from sslam_core.process import limit_heap_fragmentation
+    kept off stderr (see `sslam_core.audio.native_stderr`)."""
+    from sslam_core.audio.native_stderr import filter_native_stderr
+    from sslam_core.runs.process import limit_heap_fragmentation
 
     limit_heap_fragmentation()
     filter_native_stderr()

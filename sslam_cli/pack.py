@@ -12,7 +12,7 @@ from sslam_cli.common import fail, warn
 
 def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
     """Shard files in `out` that packing `paths` would replace (made from other inputs)."""
-    from sslam_core.training_data import _digest, _reusable
+    from sslam_core.data.training_clips import _digest, _reusable
 
     names = []
     for k, first in enumerate(range(0, len(paths), shard_size)):
@@ -36,9 +36,9 @@ def pack(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Pack audio into shards for `sslam pretrain`; re-running with the same inputs skips finished shards."""
-    from sslam_core.datasets import DatasetError, list_audio
-    from sslam_core.outputs import output_error
-    from sslam_core.training_data import pack_audio
+    from sslam_core.data.datasets import DatasetError, list_audio
+    from sslam_core.data.training_clips import pack_audio
+    from sslam_core.runs.outputs import output_error
 
     if shard_size < 1:
         fail(f"--shard-size must be at least 1, got {shard_size}")

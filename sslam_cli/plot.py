@@ -23,13 +23,18 @@ def plot(
     check_plot_output(output, "--output")
     claim_or_fail(output, overwrite)
     try:
-        from sslam_core.plots import curve_groups, plot_training_curves, read_metrics_log, unplotted_keys
+        from sslam_core.evaluation.plots import (
+            curve_groups,
+            plot_training_curves,
+            read_metrics_log,
+            unplotted_keys,
+        )
     except RuntimeError as e:
         fail(str(e))
     try:
         records = read_metrics_log(log)
     except (OSError, UnicodeDecodeError) as e:
-        from sslam_core.outputs import os_reason
+        from sslam_core.runs.outputs import os_reason
 
         fail(f"{log}: cannot read ({os_reason(e) if isinstance(e, OSError) else e})")
     groups = curve_groups(records)

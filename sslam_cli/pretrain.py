@@ -109,11 +109,12 @@ def pretrain(
 ) -> None:
     """Pre-train an EAT/SSLAM encoder; under `torchrun --nproc_per_node N` every rank runs this command.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core import distributed
-    from sslam_core.audio import AudioError
-    from sslam_core.checkpoints import CheckpointError
-    from sslam_core.datasets import DatasetError
-    from sslam_core.pretraining import (
+    from sslam_core.audio.decode import AudioError
+    from sslam_core.data.datasets import DatasetError
+    from sslam_core.data.training_clips import PackedDataError
+    from sslam_core.models.checkpoints import CheckpointError
+    from sslam_core.runs import distributed
+    from sslam_core.training.pretraining import (
         PretrainConfigError,
         merge_settings,
         read_config_file,
@@ -121,8 +122,7 @@ def pretrain(
         run_pretraining,
         saved_settings,
     )
-    from sslam_core.trainer import RunFolderError, check_run_folder
-    from sslam_core.training_data import PackedDataError
+    from sslam_core.training.trainer import RunFolderError, check_run_folder
 
     if not out:
         fail("-o/--out RUN_DIR is required")

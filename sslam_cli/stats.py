@@ -24,7 +24,7 @@ from sslam_cli.common import (
 
 def _audio_paths(data: str, audio_dir: Path | None) -> list[str]:
     """Audio files of a labelled set, else of a folder, file list or manifest."""
-    from sslam_core.datasets import DatasetError, list_audio, read_labelled
+    from sslam_core.data.datasets import DatasetError, list_audio, read_labelled
 
     try:
         return [e.path for e in read_labelled(data, audio_dir=audio_dir).examples]
@@ -57,7 +57,7 @@ def stats(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
 ) -> None:
     """Print the fbank mean and std over all real frames and bins of all files (padding never counts)."""
-    from sslam_core.stats import fbank_stats
+    from sslam_core.audio.stats import fbank_stats
 
     if fmt not in ("table", "json"):
         fail(f"--format {fmt!r}: choose table or json")

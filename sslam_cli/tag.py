@@ -126,16 +126,16 @@ def tag(
 
     Under `torchrun` each process tags a share of the files balanced by duration, and rank 0 writes
     all results in input order once every rank has finished (see the README's "Large corpora")."""
-    from sslam_core import distributed
-    from sslam_core.checkpoints import DEFAULT_TAGGER
-    from sslam_core.events import EVENT_FORMATS, tag_token_steps
-    from sslam_core.inputs import collect_inputs
-    from sslam_core.interrupts import StopRequest
-    from sslam_core.labels import LabelError, read_label_csv
-    from sslam_core.model import Classifier
-    from sslam_core.outputs import OutputError
-    from sslam_core.partition import my_share, report_done, wait_for_ranks
-    from sslam_core.tagging import tag as run_tag
+    from sslam_core.data.inputs import collect_inputs
+    from sslam_core.data.labels import LabelError, read_label_csv
+    from sslam_core.inference.events import EVENT_FORMATS, tag_token_steps
+    from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
+    from sslam_core.inference.tagging import tag as run_tag
+    from sslam_core.models.checkpoints import DEFAULT_TAGGER
+    from sslam_core.models.transformer import Classifier
+    from sslam_core.runs import distributed
+    from sslam_core.runs.interrupts import StopRequest
+    from sslam_core.runs.outputs import OutputError
 
     formats = (*FORMATS[:2], *EVENT_FORMATS) if events else FORMATS
     if fmt not in formats:
@@ -281,9 +281,9 @@ def _open_journal(output: Path | None, settings: dict, resume: bool, header: str
     """The journal the results go to: --output's; under torchrun without --output, one in a scratch
     folder of rank 0's (the ranks must share this machine), printed when all have finished. (None,
     None) for a single process printing as it goes; else (journal, scratch folder or None)."""
-    from sslam_core import distributed
-    from sslam_core.outputs import OutputError
-    from sslam_core.text_journal import TextJournal
+    from sslam_core.runs import distributed
+    from sslam_core.runs.outputs import OutputError
+    from sslam_core.runs.text_journal import TextJournal
 
     scratch = None
     if distributed.launched():
@@ -305,7 +305,7 @@ def _open_journal(output: Path | None, settings: dict, resume: bool, header: str
 def event_options(threshold: str, off, median, min_duration, min_gap, names, frame_scores: str = "window"):
     """EventOptions from the flags. A CSV --event-threshold is read against the model's `names`; before
     the model is loaded (`names` empty) only the flags' values are checked."""
-    from sslam_core.events import FRAME_SCORES, EventOptions, read_thresholds
+    from sslam_core.inference.events import FRAME_SCORES, EventOptions, read_thresholds
 
     if frame_scores not in FRAME_SCORES:
         fail(f"--frame-scores {frame_scores!r}: choose {' or '.join(FRAME_SCORES)}")
@@ -326,7 +326,7 @@ def event_options(threshold: str, off, median, min_duration, min_gap, names, fra
 
 def token_scores_or_fail(model, frame_scores: str) -> None:
     """With --frame-scores token, one line saying why `model` cannot give them, if it cannot."""
-    from sslam_core.events import check_token_scores
+    from sslam_core.inference.events import check_token_scores
 
     if frame_scores == "token":
         try:
@@ -349,8 +349,8 @@ def _plot_paths(plot: Path, n: int) -> list[Path]:
 
 
 def _plot(res, names, target: Path, top_k: int) -> None:
-    from sslam_core.outputs import OutputError
-    from sslam_core.plots import plot_timeline
+    from sslam_core.evaluation.plots import plot_timeline
+    from sslam_core.runs.outputs import OutputError
 
     try:
         plot_timeline(res, names, target, top_k=max(top_k, 1))
@@ -370,7 +370,7 @@ def _csv_rows(rows: list[list]) -> str:
 
 def _header(fmt: str) -> str:
     """The first lines of an output in `fmt`, before any file's results."""
-    from sslam_core.events import render_events
+    from sslam_core.inference.events import render_events
 
     if fmt == "csv":
         return _csv_rows([CSV_HEADER])
@@ -378,7 +378,7 @@ def _header(fmt: str) -> str:
 
 
 def _events(res, names, detection):
-    from sslam_core.events import detect, result_step_scores
+    from sslam_core.inference.events import detect, result_step_scores
 
     starts, scores = result_step_scores(res, detection.step)
     return detect(starts, scores, res.duration, names, detection)
@@ -388,7 +388,7 @@ def _render(
     res, names, fmt: str, top_k: int, threshold, timeline: bool, output, events=None, selection: int = 1
 ) -> str:
     """One file's results in `fmt`: a JSON line, its CSV rows, its event rows, or its table(s)."""
-    from sslam_core.events import EVENT_FORMATS, event_dicts, render_events
+    from sslam_core.inference.events import EVENT_FORMATS, event_dicts, render_events
 
     if fmt in EVENT_FORMATS:
         return render_events(res.path, events, fmt, first=False, number=selection)

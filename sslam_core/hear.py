@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sslam_core.checkpoints import DEFAULT_ENCODER
-from sslam_core.checkpoints import load_model as _load
-from sslam_core.embeddings import embed
+from sslam_core.inference.embeddings import embed
+from sslam_core.models.checkpoints import DEFAULT_ENCODER
+from sslam_core.models.checkpoints import load_model as _load
 
 SAMPLE_RATE = 16000
 

@@ -13,9 +13,14 @@ import torch
 from test_objective import STEP, build, close, num
 from test_pretrain import CLIPS, ROOT, SMALL, report, sslam
 
-from sslam_core.mixing import partial_mix, random_partners, roll_partners, window_frames
-from sslam_core.objective import ObjectiveConfig, PretrainingModel
-from sslam_core.pretraining import PretrainConfigError, PretrainTask, objective_config, resolve_settings
+from sslam_core.training.mixing import partial_mix, random_partners, roll_partners, window_frames
+from sslam_core.training.objective import ObjectiveConfig, PretrainingModel
+from sslam_core.training.pretraining import (
+    PretrainConfigError,
+    PretrainTask,
+    objective_config,
+    resolve_settings,
+)
 
 CLEAN = slice(0, 8)  # loss rows of the clean half: 4 clips x 2 clones (the mixed half follows)
 MIXED = slice(8, 16)
@@ -161,7 +166,7 @@ def test_mix_none_draws_the_same_masks_and_windows_as_mixing():
     """A run with --mix none consumes the trainer's generator as the release does, so that at the same
     seed both see the same masks and windows; --mix-partner random draws its partners from it."""
     torch.manual_seed(0)
-    from sslam_core.model import ModelConfig
+    from sslam_core.models.transformer import ModelConfig
 
     small = ModelConfig(embed_dim=32, depth=2, num_heads=2, max_length=64)
     x = torch.randn(3, 1, 128, 128)

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from sslam_core.audio import (
+from sslam_core.audio.decode import (
     AudioError,
     StreamingResampler,
     _sinc_kernel,

@@ -18,8 +18,9 @@ import torch
 import typer
 
 from sslam_cli.convert import convert, infer_layout
-from sslam_core import safe_pickle
-from sslam_core.checkpoints import (
+from sslam_core.data.labels import LabelError, audioset_labels, read_label_csv
+from sslam_core.models import safe_pickle
+from sslam_core.models.checkpoints import (
     Checkpoint,
     CheckpointError,
     fairseq_container,
@@ -30,8 +31,7 @@ from sslam_core.checkpoints import (
     save_checkpoint,
     write_checkpoint,
 )
-from sslam_core.labels import LabelError, audioset_labels, read_label_csv
-from sslam_core.model import Encoder, build_model, preset
+from sslam_core.models.transformer import Encoder, build_model, preset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 PRETRAIN, FINETUNED = FIXTURES / "tiny_pretrain.pt", FIXTURES / "tiny_finetuned.pt"

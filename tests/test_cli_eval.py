@@ -20,9 +20,9 @@ from conftest import fill
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.checkpoints import save_checkpoint
-from sslam_core.evaluation import Predictions
-from sslam_core.model import ModelConfig, build_model
+from sslam_core.evaluation.classification import Predictions
+from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNED = str(ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt")
@@ -270,7 +270,7 @@ def test_signal_stops_after_the_batch_in_flight(checkpoint, tmp_path, sig):
 
 
 def test_plot_shows_the_metric_the_text_reports(saved, tmp_path, monkeypatch):
-    import sslam_core.plots as plots
+    from sslam_core.evaluation import plots
 
     calls, real = [], plots.plot_class_ap
 

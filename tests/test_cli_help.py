@@ -95,7 +95,8 @@ def test_help_imports_no_torch():
 
 
 def test_heap_setting_lives_in_a_torch_free_module():
-    code = "import sys\nfrom sslam_core.process import limit_heap_fragmentation\nlimit_heap_fragmentation()\n"
+    code = "import sys\nfrom sslam_core.runs.process import limit_heap_fragmentation\n"
+    code += "limit_heap_fragmentation()\n"
     code += "print('torch' in sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr

@@ -239,9 +239,9 @@ def test_hear_api_and_python_api():
 
 
 def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
-    from sslam_core import inference
-    from sslam_core.checkpoints import load_model
-    from sslam_core.embeddings import embed
+    from sslam_core.inference import pipeline as inference
+    from sslam_core.inference.embeddings import embed
+    from sslam_core.models.checkpoints import load_model
 
     model = load_model(PRETRAIN)
     eager = next(embed(model, [str(long_wav)], granularity="all", batch_size=2))
@@ -254,7 +254,7 @@ def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
 
 def test_frame_hop_passes_equal_runs_on_the_shifted_audio(tmp_path):
     """`--frame-hop 0.04`: four passes; pass k's vectors are a plain run's on the audio from 40k ms on."""
-    from sslam_core.audio import load_audio
+    from sslam_core.audio.decode import load_audio
 
     robin16 = tmp_path / "robin16.wav"  # at 16 kHz, so that cutting the file equals skipping samples
     wave, sr = load_audio(ROBIN).numpy(), 16000

@@ -340,7 +340,7 @@ def test_injected_enospc_then_resume(tmp_path, monkeypatch, where):
 
     from typer.testing import CliRunner
 
-    import sslam_core.feature_store as store
+    import sslam_core.runs.feature_store as store
     from sslam_cli.main import app
 
     clips = _folder_of_copies(tmp_path / "clips", 4)
@@ -396,7 +396,7 @@ def test_unwritable_output_folder_is_one_line(tmpfs):
 
 
 def test_label_files_with_and_without_a_header(tmp_path):
-    from sslam_core.labels import read_label_csv
+    from sslam_core.data.labels import read_label_csv
 
     one_column = tmp_path / "names.csv"
     one_column.write_text("name\ndog\ncat, domestic\n")
@@ -431,7 +431,7 @@ def test_file_names_that_are_not_utf8(tmp_path):
 def test_an_unexpected_exception_is_one_line_unless_asked(debug):
     """The entry point's safety net, with a fault injected where a bug could be (input collection)."""
     code = (
-        "import sys, sslam_core.inputs as i\n"
+        "import sys, sslam_core.data.inputs as i\n"
         "def boom(*a, **k): raise RuntimeError('injected fault\\nsecond line')\n"
         "i.collect_inputs = boom\n"
         "from sslam_cli.main import main\n"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sslam_core import checkpoints
-from sslam_core.checkpoints import Checkpoint, load_model, read_checkpoint, save_checkpoint
-from sslam_core.model import Encoder, ModelConfig
-from sslam_core.outputs import os_error_behind
+from sslam_core.models import checkpoints
+from sslam_core.models.checkpoints import Checkpoint, load_model, read_checkpoint, save_checkpoint
+from sslam_core.models.transformer import Encoder, ModelConfig
+from sslam_core.runs.outputs import os_error_behind
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 FINETUNED = FIXTURES / "tiny_finetuned.pt"

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 from conftest import child_pids
 
-from sslam_core.partition import balanced_ranges
+from sslam_core.inference.partition import balanced_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "checkpoints"
@@ -151,8 +151,8 @@ def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
 def test_eval_under_two_ranks_scores_the_gathered_predictions(tmp_path):
     import torch
 
-    from sslam_core.checkpoints import save_checkpoint
-    from sslam_core.model import ModelConfig, build_model
+    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.transformer import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=10))

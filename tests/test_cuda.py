@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.embeddings import embed
-from sslam_core.model import Encoder, preset
-from sslam_core.objective import PretrainingModel
-from sslam_core.pretraining import PretrainTask, objective_config, resolve_settings, train_config
-from sslam_core.trainer import train
+from sslam_core.inference.embeddings import embed
+from sslam_core.models.transformer import Encoder, preset
+from sslam_core.training.objective import PretrainingModel
+from sslam_core.training.pretraining import PretrainTask, objective_config, resolve_settings, train_config
+from sslam_core.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DATA = Path(__file__).parent / "data"

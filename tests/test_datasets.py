@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sslam_core.datasets import (
+from sslam_core.data.datasets import (
     AUDIO_EXTENSIONS,
     DatasetError,
     Example,

@@ -17,9 +17,9 @@ import soundfile as sf
 import torch
 from conftest import child_pids
 
-from sslam_core.inference import AudioSource, Shifted, feature_head, run_windows
-from sslam_core.interrupts import StopRequest
-from sslam_core.model import Encoder, preset
+from sslam_core.inference.pipeline import AudioSource, Shifted, feature_head, run_windows
+from sslam_core.models.transformer import Encoder, preset
+from sslam_core.runs.interrupts import StopRequest
 
 DATA = Path(__file__).parent / "data"
 MAIN = os.getpid()
@@ -166,8 +166,8 @@ def test_stop_requests_end_the_run_and_workers_leave_signals_to_it(model, files)
 def test_workers_exit_when_the_main_process_is_killed(files, tmp_path):
     code = (
         "import sys, torch\n"
-        "from sslam_core.inference import feature_head, run_windows\n"
-        "from sslam_core.model import Encoder, preset\n"
+        "from sslam_core.inference.pipeline import feature_head, run_windows\n"
+        "from sslam_core.models.transformer import Encoder, preset\n"
         "m = Encoder(preset('tiny', depth=1)).eval()\n"
         "for r in run_windows(m, sys.argv[1:] * 500, feature_head(m), target_length=128, workers=2):\n"
         "    print('result', flush=True)\n"

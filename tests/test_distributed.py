@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from torch import nn
 
-from sslam_core import distributed
-from sslam_core.trainer import TrainConfig, train
+from sslam_core.runs import distributed
+from sslam_core.training.trainer import TrainConfig, train
 
 WORLD = 2
 
@@ -111,8 +111,8 @@ def _stop_worker(rank: int, port: int, root: str) -> None:
     result = {"steps": summary["steps"], "interrupted": summary.get("interrupted")}
 
     # A full disk on rank 0 (the only writer) stops every rank with an error, none waits forever.
-    from sslam_core import checkpoints
-    from sslam_core.outputs import OutputError
+    from sslam_core.models import checkpoints
+    from sslam_core.runs.outputs import OutputError
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -17,14 +17,14 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.audio import load_audio
-from sslam_core.checkpoints import load_model, save_checkpoint
-from sslam_core.evaluation import Predictions, match_classes
-from sslam_core.frontend import fbank
-from sslam_core.labels import audioset_labels
-from sslam_core.model import ModelConfig, build_model
-from sslam_core.plots import curve_groups
-from sslam_core.tagging import tag
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.frontend import fbank
+from sslam_core.data.labels import audioset_labels
+from sslam_core.evaluation.classification import Predictions, match_classes
+from sslam_core.evaluation.plots import curve_groups
+from sslam_core.inference.tagging import tag
+from sslam_core.models.checkpoints import load_model, save_checkpoint
+from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNED = str(ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sslam_core.events import Event, EventOptions, detect, render_events, step_scores
+from sslam_core.inference.events import Event, EventOptions, detect, render_events, step_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNED = str(ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt")
@@ -133,7 +133,7 @@ def test_raven_selections_number_on_over_files():
 
 
 def test_per_class_thresholds(tmp_path):
-    from sslam_core.events import read_thresholds
+    from sslam_core.inference.events import read_thresholds
 
     a = np.array([0.0, 0.6, 0.6, 0.0, 0.3, 0.3, 0.0])
     scores = np.stack([a, a], axis=1)
@@ -156,9 +156,14 @@ def test_per_class_thresholds(tmp_path):
 def test_token_steps_keep_the_clip_scores_and_cover_every_step():
     import torch
 
-    from sslam_core.events import STEP_SECONDS, check_token_scores, result_step_scores, tag_token_steps
-    from sslam_core.model import ModelConfig, build_model
-    from sslam_core.tagging import tag
+    from sslam_core.inference.events import (
+        STEP_SECONDS,
+        check_token_scores,
+        result_step_scores,
+        tag_token_steps,
+    )
+    from sslam_core.inference.tagging import tag
+    from sslam_core.models.transformer import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, num_classes=3, pool="mean")).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sslam_core.augment import (
+from sslam_core.data.augment import (
     WeightedEpochs,
     mixup,
     sample_weights,
@@ -18,9 +18,11 @@ from sslam_core.augment import (
     time_roll,
     weighted_draw,
 )
-from sslam_core.checkpoints import load_model, read_checkpoint, save_checkpoint
-from sslam_core.datasets import read_labelled
-from sslam_core.finetuning import (
+from sslam_core.data.datasets import read_labelled
+from sslam_core.data.training_clips import WaveformDataset
+from sslam_core.models.checkpoints import load_model, read_checkpoint, save_checkpoint
+from sslam_core.models.transformer import Encoder, ModelConfig
+from sslam_core.training.finetuning import (
     FinetuneConfig,
     FinetuneTask,
     build_classifier,
@@ -28,9 +30,7 @@ from sslam_core.finetuning import (
     finetune,
     recipe,
 )
-from sslam_core.model import Encoder, ModelConfig
-from sslam_core.optim import build_optimizer
-from sslam_core.training_data import WaveformDataset
+from sslam_core.training.optim import build_optimizer
 
 DATA = Path(__file__).parent / "data"
 TINY = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
@@ -264,7 +264,7 @@ def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_p
 
 
 def test_fold_standardization_is_exact():
-    from sslam_core.finetuning import fold_standardization
+    from sslam_core.training.finetuning import fold_standardization
 
     g = gen(1)
     w, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
@@ -303,7 +303,7 @@ def test_cli_result_tags_with_its_own_labels(tmp_path, pretrained):
 
 
 def test_default_steps_give_small_linear_probes_enough_updates():
-    from sslam_core.finetuning import LINEAR_MIN_STEPS, default_steps
+    from sslam_core.training.finetuning import LINEAR_MIN_STEPS, default_steps
 
     assert default_steps(False, 2700, 48) == 30 * (2700 // 48)
     assert default_steps(True, 2700, 48) == LINEAR_MIN_STEPS  # 50 epochs would be 2800 updates

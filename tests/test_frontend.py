@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.audio import resample
-from sslam_core.frontend import (
+from sslam_core.audio.decode import resample
+from sslam_core.audio.frontend import (
     NORMALIZATION,
     fbank,
     log_mel,

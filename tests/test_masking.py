@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslam_core.masking import block_mask, visible_indices
+from sslam_core.training.masking import block_mask, visible_indices
 
 OFFICIAL_MASKS = Path(__file__).parent / "fixtures" / "pretraining" / "step_fixture.npz"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, top_k_accuracy_score
 
-from sslam_core.metrics import (
+from sslam_core.evaluation.metrics import (
     average_precision,
     d_prime,
     multiclass_report,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.checkpoints import load_model
-from sslam_core.model import Classifier, Encoder, count_flops, preset
+from sslam_core.models.checkpoints import load_model
+from sslam_core.models.transformer import Classifier, Encoder, count_flops, preset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 ATOL = 1e-4

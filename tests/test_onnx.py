@@ -21,10 +21,10 @@ pytest.importorskip("onnxscript")
 
 from sslam_cli.common import load_model_or_fail  # noqa: E402
 from sslam_cli.main import app  # noqa: E402
-from sslam_core.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint  # noqa: E402
-from sslam_core.model import Classifier, ModelConfig, build_model  # noqa: E402
-from sslam_core.onnx_backend import OnnxEncoder, read_metadata  # noqa: E402
-from sslam_core.onnx_export import export_checkpoint  # noqa: E402
+from sslam_core.models.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint  # noqa: E402
+from sslam_core.models.onnx_export import export_checkpoint  # noqa: E402
+from sslam_core.models.onnx_runtime import OnnxEncoder, read_metadata  # noqa: E402
+from sslam_core.models.transformer import Classifier, ModelConfig, build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "checkpoints"
@@ -210,7 +210,7 @@ def test_without_the_extra_one_line(exported, tmp_path):
 
 
 def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
-    from sslam_core import onnx_export
+    from sslam_core.models import onnx_export
 
     monkeypatch.setenv("SSLAM_CACHE", str(tmp_path / "cache"))
     model = load_model(FINETUNED, precision="int8")
@@ -224,7 +224,7 @@ def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
         raise AssertionError("the cached int8 model should be reused")
 
     monkeypatch.setattr(onnx_export, "export_checkpoint", no_export)
-    from sslam_core import checkpoints
+    from sslam_core.models import checkpoints
 
     with monkeypatch.context() as m:  # a cached int8 model is found by hash: the weights stay unread
         m.setattr(checkpoints, "torch_load", no_export)
@@ -307,8 +307,8 @@ def test_precision_int8_in_the_commands_is_cached_and_close(tmp_path):
 
 def test_large_logits_are_checked_relative_to_their_size():
     """A head whose logits reach ~1e3 (a linear probe's can) exports: fp32 steps by 1e-4 there."""
-    from sslam_core.checkpoints import Checkpoint
-    from sslam_core.onnx_export import tolerance
+    from sslam_core.models.checkpoints import Checkpoint
+    from sslam_core.models.onnx_export import tolerance
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=4))

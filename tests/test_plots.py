@@ -1,4 +1,4 @@
-"""Figures (`sslam_core.plots`) and the outputs of `sslam plot`, `sslam stats -o` and `sslam pack`."""
+"""Figures (`evaluation.plots`) and the outputs of `sslam plot`, `sslam stats -o` and `sslam pack`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ pytest.importorskip("matplotlib")
 from matplotlib.text import Text  # noqa: E402
 
 from sslam_cli.main import app  # noqa: E402
-from sslam_core import plots  # noqa: E402
-from sslam_core.plots import curve_groups, plot_class_ap, plot_timeline, plot_training_curves  # noqa: E402
+from sslam_core.evaluation import plots  # noqa: E402
+from sslam_core.evaluation.plots import curve_groups, plot_class_ap, plot_timeline, plot_training_curves  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 DIGITS = sorted(str(p) for p in (DATA / "polydigits" / "audio").glob("*.wav"))
@@ -191,11 +191,11 @@ def test_pack_refuses_to_replace_shards_of_other_inputs(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in sslam("pack", *DIGITS, "-o", tmp_path / "file", code=2).stderr
 
-    import sslam_core.training_data
+    import sslam_core.data.training_clips
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sslam_core.training_data, "pack_audio", full_disk)
+    monkeypatch.setattr(sslam_core.data.training_clips, "pack_audio", full_disk)
     failed = sslam("pack", *DIGITS, "-o", tmp_path / "p2", "-q", code=2)
     assert failed.stderr.strip() == f"error: {tmp_path / 'p2'}: cannot write (no space left on device)"

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core import precision
-from sslam_core.precision import (
+from sslam_core.models import precision
+from sslam_core.models.precision import (
     CpuCapability,
     auto_precision,
     cpu_capability,

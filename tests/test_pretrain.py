@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sslam_core.checkpoints import read_checkpoint
-from sslam_core.pretraining import (
+from sslam_core.models.checkpoints import read_checkpoint
+from sslam_core.training.pretraining import (
     PretrainConfigError,
     read_config_file,
     resolve_settings,
@@ -85,7 +85,7 @@ def test_stage_defaults_scale_with_steps_and_overrides_win(tmp_path):
 
 
 def test_objective_hyper_parameters_are_settings_with_release_defaults():
-    from sslam_core.pretraining import objective_config
+    from sslam_core.training.pretraining import objective_config
 
     release = objective_config(resolve_settings({"stage": "sslam"}))
     assert (release.mask_prob, release.mask_length, release.average_top_k) == (0.8, 5, 12)
@@ -178,7 +178,7 @@ def test_torchrun_two_cpu_ranks_stay_in_sync_and_resume_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert saved["world_size"] == 2 and saved["pretrain"]["clips"] == 7
-    from sslam_core.objective import PretrainingModel
+    from sslam_core.training.objective import PretrainingModel
 
     model = PretrainingModel.from_checkpoint(tmp_path / "whole", None)
     assert weights_checksum(model) == whole["rank_checksums"][0]

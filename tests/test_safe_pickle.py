@@ -22,8 +22,8 @@ import torch
 from typer.testing import CliRunner
 
 import sslam_core
-from sslam_core import safe_pickle
-from sslam_core.checkpoints import CheckpointError, fairseq_container, read_checkpoint
+from sslam_core.models import safe_pickle
+from sslam_core.models.checkpoints import CheckpointError, fairseq_container, read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 DATA = Path(__file__).parent / "data"

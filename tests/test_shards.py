@@ -19,10 +19,10 @@ import torch
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.audio import AudioError, load_audio
-from sslam_core.datasets import read_labelled
-from sslam_core.inputs import collect_inputs
-from sslam_core.shards import (
+from sslam_core.audio.decode import AudioError, load_audio
+from sslam_core.data.datasets import read_labelled
+from sslam_core.data.inputs import collect_inputs
+from sslam_core.data.shards import (
     TarMember,
     Unreadable,
     expand_braces,
@@ -32,7 +32,7 @@ from sslam_core.shards import (
     shard_paths,
     split_key,
 )
-from sslam_core.training_data import WaveformDataset, open_audio_dataset
+from sslam_core.data.training_clips import WaveformDataset, open_audio_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -171,7 +171,7 @@ def test_names_read_back_through_the_shard(corpus):
 
 def test_pyav_decodes_members_like_files(tmp_path):
     pytest.importorskip("av")
-    from sslam_core.audio import _av_blocks
+    from sslam_core.audio.decode import _av_blocks
 
     mp3 = DATA / "acoustic_scene_2s.mp3"
     shard = make_tar(tmp_path / "s.tar", [("scene.mp3", mp3.read_bytes())])
@@ -210,8 +210,8 @@ def test_tag_on_a_shard_list(corpus, monkeypatch):
 
 @pytest.fixture(scope="module")
 def digit_classifier(tmp_path_factory) -> Path:
-    from sslam_core.checkpoints import save_checkpoint
-    from sslam_core.model import ModelConfig, build_model
+    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.transformer import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=3))
@@ -254,8 +254,8 @@ def test_eval_with_cls_labels(corpus, digit_classifier, monkeypatch):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> str:
-    from sslam_core.checkpoints import save_checkpoint
-    from sslam_core.model import Encoder, ModelConfig
+    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
     torch.manual_seed(0)
@@ -321,7 +321,7 @@ def test_hostile_shards_in_labelled_sets_and_training_data(hostile):
     assert isinstance(dataset, WaveformDataset) and len(dataset) == 2
     item = dataset[1]  # the damage: replaced by the next readable clip, and said why
     assert item["index"] == 0 and item["skipped"][0][0] == str(hostile / "damaged.tar")
-    from sslam_core.datasets import DatasetError
+    from sslam_core.data.datasets import DatasetError
 
     with pytest.raises(DatasetError, match="notatar.tar: not a tar archive"):
         open_audio_dataset([str(hostile / "notatar.tar"), str(hostile / "empty.tar")])

@@ -19,8 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.checkpoints import save_checkpoint
-from sslam_core.model import ModelConfig, build_model
+from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 POLY = ROOT / "tests" / "data" / "polydigits"
@@ -142,12 +142,12 @@ def test_event_and_segment_f1_equal_the_libraries_on_the_events_tag_writes(mean_
 
 def test_psds_equals_sed_scores_eval_on_the_step_scores(mean_ckpt):
     sed_scores_eval, _, create_score_dataframe = libraries()
-    from sslam_core.events import EventOptions, result_step_scores, smoothed
-    from sslam_core.tagging import tag
+    from sslam_core.inference.events import EventOptions, result_step_scores, smoothed
+    from sslam_core.inference.tagging import tag
 
     summary = json.loads(sslam("eval", "-c", mean_ckpt, "--strong", STRONG, "-f", "json", *WINDOW, *EVENTS,
                                "--collar", "0.3", "--segment-length", "0.5").stdout)  # fmt: skip
-    from sslam_core.checkpoints import load_model
+    from sslam_core.models.checkpoints import load_model
 
     model = load_model(str(mean_ckpt))
     truth = reference()
@@ -229,7 +229,7 @@ def test_events_become_scores_that_give_them_back():
     libraries()
     from sed_scores_eval.base_modules.detection import scores_to_event_list
 
-    from sslam_core.strong_eval import event_scores
+    from sslam_core.evaluation.strong import event_scores
 
     events = [(0.1, 0.48, "a"), (0.3, 1.2, "b"), (1.5, 2.0, "a")]
     table = event_scores(events, 2.0, ["a", "b"])

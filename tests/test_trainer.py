@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sslam_core.model import Classifier, Encoder, ModelConfig
-from sslam_core.optim import build_optimizer, cosine_schedule, layer_id, param_groups, set_lr
-from sslam_core.trainer import TrainConfig, train
+from sslam_core.models.transformer import Classifier, Encoder, ModelConfig
+from sslam_core.training.optim import build_optimizer, cosine_schedule, layer_id, param_groups, set_lr
+from sslam_core.training.trainer import TrainConfig, train
 
 
 class ToyTask:
@@ -172,8 +172,8 @@ class TinyPretrainTask:
     def __init__(self, frames=256):
         from pathlib import Path
 
-        from sslam_core.objective import ObjectiveConfig, PretrainingModel
-        from sslam_core.training_data import AudioBatches, WaveformDataset
+        from sslam_core.data.training_clips import AudioBatches, WaveformDataset
+        from sslam_core.training.objective import ObjectiveConfig, PretrainingModel
 
         torch.manual_seed(0)
         self.cfg = ModelConfig(embed_dim=32, depth=2, num_heads=2, max_length=64)
@@ -193,7 +193,7 @@ class TinyPretrainTask:
         return {"ema_decay": self.model.ema_step(step)}
 
     def export(self, path):
-        from sslam_core.checkpoints import save_checkpoint
+        from sslam_core.models.checkpoints import save_checkpoint
 
         m = self.model
         save_checkpoint(
@@ -202,7 +202,7 @@ class TinyPretrainTask:
 
 
 def test_pretraining_objective_trains_and_resumes_exactly(tmp_path):
-    from sslam_core.checkpoints import read_checkpoint
+    from sslam_core.models.checkpoints import read_checkpoint
 
     kw = dict(steps=4, batch_size=2, lr=1e-3, warmup=1, save_every=2, log_every=1)
     whole = TinyPretrainTask()

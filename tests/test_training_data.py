@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.audio import load_audio
-from sslam_core.frontend import prepare_input
-from sslam_core.training_data import (
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.frontend import prepare_input
+from sslam_core.data.training_clips import (
     AudioBatches,
     PackedDataset,
     UnreadableAudioWarning,

@@ -16,9 +16,10 @@ import torch
 from test_trainer import ToyTask, config  # not tests.test_trainer: dcase_util installs a "tests" package
 from typer.testing import CliRunner
 
-from sslam_core import checkpoints, trainer
-from sslam_core.outputs import OutputError
-from sslam_core.trainer import RunFolderError, check_run_folder, train
+from sslam_core.models import checkpoints
+from sslam_core.runs.outputs import OutputError
+from sslam_core.training import trainer
+from sslam_core.training.trainer import RunFolderError, check_run_folder, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -256,8 +257,8 @@ def test_pretrain_resume_rederives_the_schedule_and_says_so(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from sslam_core.checkpoints import save_checkpoint
-    from sslam_core.model import Encoder, ModelConfig
+    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
     torch.manual_seed(0)

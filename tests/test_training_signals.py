@@ -87,8 +87,8 @@ def test_pretrain_signal_saves_and_resume_is_bit_identical(tmp_path, whole_pretr
 
 
 def test_finetune_ctrl_c_saves_and_resume_is_bit_identical(tmp_path):
-    from sslam_core.checkpoints import save_checkpoint
-    from sslam_core.model import Encoder, ModelConfig
+    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
     torch.manual_seed(0)

@@ -1,0 +1,529 @@
+"""Training data: random crops of 16 kHz waveforms, from audio files, tar shards or packed HDF5 shards.
+
+Datasets return raw wave crops (cheap, in DataLoader workers); `AudioBatches` turns a list of them into
+the model input on the training device in one batched fbank call, padding short clips in the log-mel
+domain as the official code does. Crops and the shuffle are functions of (epoch seed, clip index), so a
+resumed run sees exactly the clips and crops the interrupted one would have seen.
+
+Packed format (`sslam pack`): a folder with `index.json` and shards `shard-00000.h5`, each holding
+`audio` (M,) int16 at 16 kHz (all clips concatenated), `offsets` (n + 1,) int64 and `paths` (n,) utf-8,
+attribute sample_rate = 16000.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sslam_core.audio.decode import AudioError, load_audio, resolve_input
+
+if TYPE_CHECKING:
+    from sslam_core.inference.pipeline import AudioSource
+
+SAMPLE_RATE = 16000
+WINDOW, HOP = 400, 160
+PACKED_FORMAT = "sslam-packed"
+INDEX_NAME = "index.json"
+MAX_SUBSTITUTES = 16
+
+
+class PackedDataError(Exception):
+    """A packed-audio folder or shard that cannot be read; the message names the file and why."""
+
+
+class UnreadableAudioWarning(UserWarning):
+    """A training clip that could not be decoded and was replaced by another clip."""
+
+
+def crop_samples(target_length: int) -> int:
+    """Samples that make exactly `target_length` fbank frames (25 ms window, 10 ms hop)."""
+    return WINDOW + (target_length - 1) * HOP
+
+
+def crop_start(length: int, wanted: int, seed: int, index: int, random_crop: bool = True) -> int:
+    """Start of the crop of clip `index` in epoch `seed`: uniform over valid starts, 0 when it fits."""
+    if not random_crop or length <= wanted:
+        return 0
+    return int(np.random.default_rng([seed, index]).integers(0, length - wanted + 1))
+
+
+def shard_indices(n: int, epoch_seed: int, rank: int, world_size: int, shuffle: bool = True) -> list[int]:
+    """This rank's clips for one epoch: an equal slice of a seeded permutation (the remainder is dropped)."""
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if shuffle else torch.arange(n)
+    )
+    per_rank = n // world_size
+    return order[rank * per_rank : (rank + 1) * per_rank].tolist()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave the first SIGINT / SIGTERM / SIGUSR1 to the main process, which saves
+    and stops at a step boundary (Ctrl-C and schedulers signal the whole process group); a second one
+    of a kind has its default effect, so the loader's own terminate() at shut-down still works."""
+    import signal
+
+    def once(signum, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), once)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class ClipDataset(Dataset, ABC):
+    """Shared indexing: item `i` or `(i, seed)` -> {wave, index, label?, skipped}; bad clips replaced."""
+
+    def __init__(self, target_length: int, random_crop: bool, labels: Sequence | None):
+        if labels is not None and len(labels) != len(self):
+            raise ValueError(f"{len(labels)} labels for {len(self)} clips")
+        self.target_length, self.random_crop, self.labels = target_length, random_crop, labels
+        self.seed = 0
+        self._bad: dict[int, str] = {}
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of clips."""
+
+    @abstractmethod
+    def path(self, index: int) -> str:
+        """Where clip `index` came from (for warnings and provenance)."""
+
+    @abstractmethod
+    def read(self, index: int, seed: int) -> torch.Tensor:
+        """The (cropped) 1-D float32 wave of clip `index`; raises AudioError when it cannot be decoded."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, self.seed)
+        skipped = []
+        for attempt in range(MAX_SUBSTITUTES):
+            i = (index + attempt) % len(self)
+            if i not in self._bad:
+                try:
+                    wave = self.read(i, seed)
+                except AudioError as err:
+                    self._bad[i] = err.reason
+                else:
+                    item = {"wave": wave, "index": i, "skipped": skipped}
+                    if self.labels is not None:
+                        item["label"] = self.labels[i]
+                    return item
+            skipped.append((self.path(i), self._bad[i]))
+        raise AudioError(self.path(index), f"this and the next {MAX_SUBSTITUTES - 1} clips are unreadable")
+
+
+def load_source(source: str | os.PathLike | AudioSource) -> torch.Tensor:
+    """The whole 16 kHz mono wave of a path or of a self-decoding source (a tar member); AudioError
+    when it cannot be decoded."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_audio(source, SAMPLE_RATE)
+    parts = list(source.blocks(60.0))
+    if not parts:
+        raise AudioError(source.name, "contains no samples")
+    return torch.cat(parts)
+
+
+def _source(path: str | os.PathLike | AudioSource) -> str | AudioSource:
+    """A path as a string, a `SHARD.tar/MEMBER` name as its TarMember (the shard indexed once here,
+    not again in every DataLoader worker), any other source as it is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    try:
+        found = resolve_input(path)
+    except AudioError:  # reading it will report why
+        return os.fspath(path)
+    return os.fspath(found) if isinstance(found, (str, os.PathLike)) else found
+
+
+class WaveformDataset(ClipDataset):
+    """Audio decoded to 16 kHz mono, randomly cropped to `target_length` frames' worth of samples. The
+    inputs are paths, or sources such as tar members (`shards.TarMember`, which reads its bytes by
+    offset in whichever DataLoader worker asks for it; their `SHARD.tar/MEMBER` names work too)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike | AudioSource],
+        target_length: int = 1024,
+        random_crop: bool = True,
+        labels: Sequence | None = None,
+    ):
+        self.paths = [_source(p) for p in paths]
+        super().__init__(target_length, random_crop, labels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> str:
+        source = self.paths[index]
+        return source if isinstance(source, str) else source.name
+
+    def read(self, index: int, seed: int) -> torch.Tensor:
+        wave = load_source(self.paths[index])
+        wanted = crop_samples(self.target_length)
+        start = crop_start(wave.shape[0], wanted, seed, index, self.random_crop)
+        return wave[start : start + wanted].clone()
+
+
+@dataclass
+class _Shard:
+    file: str
+    offsets: np.ndarray
+
+
+class PackedDataset(ClipDataset):
+    """Clips from `sslam pack` folders; reads only the cropped slice, one open file per shard and process."""
+
+    def __init__(
+        self,
+        folders: str | os.PathLike | Sequence[str | os.PathLike],
+        target_length: int = 1024,
+        random_crop: bool = True,
+        labels: Sequence | None = None,
+    ):
+        folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+        self.shards: list[_Shard] = []
+        for folder in map(Path, folders):
+            for name in read_index(folder)["shards"]:
+                self.shards.append(_Shard(str(folder / name["file"]), _read_offsets(folder / name["file"])))
+        self._starts = np.cumsum([0] + [len(s.offsets) - 1 for s in self.shards]).tolist()
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        super().__init__(target_length, random_crop, labels)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"clip {index} out of range for {len(self)} packed clips")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - self._starts[shard]
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # a forked worker must not share its parent's HDF5 handles
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = h5py.File(self.shards[shard].file, "r")
+        return self._files[shard]
+
+    def path(self, index: int) -> str:
+        shard, local = self._locate(index)
+        value = self._file(shard)["paths"][local]
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def read(self, index: int, seed: int) -> torch.Tensor:
+        shard, local = self._locate(index)
+        begin, end = self.shards[shard].offsets[local : local + 2]
+        wanted = crop_samples(self.target_length)
+        start = begin + crop_start(int(end - begin), wanted, seed, index, self.random_crop)
+        samples = self._file(shard)["audio"][start : min(end, start + wanted)]
+        return torch.from_numpy(samples.astype(np.float32) / 32768.0)
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """A packed folder's index.json, checked."""
+    path = Path(folder) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PackedDataError(f"{path}: cannot read packed-audio index ({err})") from err
+    if index.get("format") != PACKED_FORMAT or index.get("sample_rate") != SAMPLE_RATE:
+        raise PackedDataError(f"{path}: not an sslam packed-audio index at {SAMPLE_RATE} Hz")
+    return index
+
+
+def _read_offsets(path: Path) -> np.ndarray:
+    try:
+        with h5py.File(path, "r") as f:
+            offsets = f["offsets"][:].astype(np.int64)
+            if len(offsets) != len(f["paths"]) + 1 or offsets[-1] != len(f["audio"]):
+                raise PackedDataError(f"{path}: offsets do not match paths and audio")
+            return offsets
+    except (OSError, KeyError) as err:
+        raise PackedDataError(f"{path}: cannot read shard ({err})") from err
+
+
+def is_packed(path: str | os.PathLike) -> bool:
+    """A folder holding index.json is a packed dataset."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX_NAME))
+
+
+def open_audio_dataset(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    target_length: int = 1024,
+    random_crop: bool = True,
+    recursive: bool = True,
+) -> ClipDataset:
+    """PackedDataset for packed folders, else WaveformDataset over the audio of `paths`: files,
+    folders and lists (`list_audio`) and tar shard specs (their members, read by offset; unreadable
+    ones are kept and reported as skipped when drawn, like bad files). A DatasetError naming the first
+    problem when nothing at all is readable."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    packed = [is_packed(p) for p in paths]
+    if all(packed):
+        return PackedDataset(paths, target_length, random_crop)
+    if any(packed):
+        raise ValueError("mix of packed folders and audio files; pack them all or pass none packed")
+    from sslam_core.data.datasets import DatasetError, list_audio
+    from sslam_core.data.shards import Unreadable, is_shard_spec, shard_sources
+
+    sources: list = []
+    for item in map(os.fspath, paths):
+        sources += shard_sources(item) if is_shard_spec(item) else list_audio([item], recursive=recursive)
+    problems = [s for s in sources if isinstance(s, Unreadable)]
+    if problems and len(problems) == len(sources):
+        raise DatasetError(f"{problems[0].name}: {problems[0].reason}")
+    return WaveformDataset(sources, target_length, random_crop)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches on the device
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Keep waves as a list (lengths differ); stack tensor labels."""
+    batch = {
+        "waves": [item["wave"] for item in items],
+        "index": torch.tensor([item["index"] for item in items]),
+        "skipped": [s for item in items for s in item["skipped"]],
+    }
+    if "label" in items[0]:
+        labels = [item["label"] for item in items]
+        batch["label"] = torch.stack([torch.as_tensor(x) for x in labels])
+    return batch
+
+
+class AudioBatches:
+    """A task's `batches`: this rank's shuffled clips, loaded by workers, fbank computed on `device`.
+
+    Yields {"source": (B, 1, T, 128), "index": (B,), "label": (B, ...) when the dataset has labels}.
+    Unreadable clips are replaced by the next readable one, warned about once and kept in `skipped`.
+    """
+
+    def __init__(
+        self,
+        dataset: ClipDataset,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        norm: str | tuple[float, float] = "audioset",
+        num_workers: int = 0,
+        shuffle: bool = True,
+        transform: Callable[[dict], dict] | None = None,
+    ):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
+        self.norm, self.num_workers, self.shuffle, self.transform = norm, num_workers, shuffle, transform
+        self.skipped: dict[str, str] = {}
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        return len(self.dataset) // world_size // self.batch_size
+
+    def __call__(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[dict]:
+        from sslam_core.audio.frontend import prepare_input
+
+        order = shard_indices(len(self.dataset), epoch_seed, rank, world_size, self.shuffle)
+        count = len(order) // self.batch_size
+        if count == 0:
+            raise ValueError(
+                f"{len(self.dataset)} clips too few for batches of {self.batch_size} on {world_size} rank(s)"
+            )
+        plan = [
+            [(i, epoch_seed) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            for b in range(start_position, count)
+        ]
+        if not plan:
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=plan,
+            num_workers=self.num_workers,
+            collate_fn=collate_clips,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
+            # The loader's base seed comes from here, not the global RNG (dropout's), whose draws would
+            # otherwise depend on where the epoch's loader was started: at the epoch start or a resume.
+            generator=torch.Generator().manual_seed(epoch_seed + rank),
+        )
+        for raw in loader:
+            for path, reason in raw["skipped"]:
+                if path not in self.skipped:
+                    self.skipped[path] = reason
+                    warnings.warn(
+                        f"{path}: {reason}; using another clip", UnreadableAudioWarning, stacklevel=2
+                    )
+            waves = [w.to(self.device, non_blocking=True) for w in raw["waves"]]
+            batch = {
+                "source": prepare_input(waves, target_length=self.dataset.target_length, norm=self.norm),
+                "index": raw["index"].to(self.device),
+            }
+            if "label" in raw:
+                batch["label"] = raw["label"].to(self.device, non_blocking=True)
+            yield self.transform(batch) if self.transform is not None else batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclass
+class PackReport:
+    """What `pack_audio` did: clips and samples in the index, shards written or reused, inputs skipped."""
+
+    clips: int = 0
+    samples: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def quantize(wave: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1) -> int16 (x 32768, rounded, clipped)."""
+    x = np.asarray(wave, dtype=np.float32)
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def _digest(paths: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(paths).encode()).hexdigest()
+
+
+def _decode(path: str) -> tuple[str, np.ndarray | None, str]:
+    try:
+        return path, quantize(load_audio(path, SAMPLE_RATE)), ""
+    except AudioError as err:
+        return path, None, err.reason
+
+
+def _reusable(path: Path, digest: str) -> dict | None:
+    """A finished shard made from the same inputs: its index entry and skipped list, else None."""
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("sources_sha1") != digest:
+                return None
+            return {
+                "clips": len(f["paths"]),
+                "samples": len(f["audio"]),
+                "skipped": json.loads(f.attrs["skipped"]),
+            }
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _write_shard(path: Path, sources: Sequence[str], digest: str, pool: ThreadPoolExecutor, bar) -> dict:
+    """Decode `sources` (in order) into one shard file, written under a temporary name then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    offsets, names, skipped = [0], [], []
+    with h5py.File(tmp, "w") as f:
+        audio = f.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(1 << 16,))
+        for source, samples, reason in pool.map(_decode, sources):
+            bar.update(1)
+            if samples is None:
+                skipped.append([source, reason])
+                continue
+            audio.resize((offsets[-1] + len(samples),))
+            audio[offsets[-1] :] = samples
+            offsets.append(offsets[-1] + len(samples))
+            names.append(source)
+        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+        f.create_dataset("paths", data=names, dtype=h5py.string_dtype("utf-8"))
+        f.attrs["sample_rate"] = SAMPLE_RATE
+        f.attrs["sources_sha1"] = digest
+        f.attrs["skipped"] = json.dumps(skipped)
+    os.replace(tmp, path)
+    return {"clips": len(names), "samples": offsets[-1], "skipped": skipped}
+
+
+def pack_audio(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> PackReport:
+    """Decode audio files to 16 kHz int16 shards of `shard_size` inputs plus index.json.
+
+    Re-running with the same inputs skips shards that are already finished; unreadable inputs are
+    left out and listed in the report and in index.json.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    sources = [os.fspath(p) for p in paths]
+    if not sources:
+        raise ValueError("no audio files to pack")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report, entries = PackReport(), []
+    bar = tqdm(total=len(sources), disable=not progress, unit="file", desc="pack")
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        for k, first in enumerate(range(0, len(sources), shard_size)):
+            chunk = sources[first : first + shard_size]
+            name, digest = f"shard-{k:05d}.h5", _digest(chunk)
+            done = _reusable(out / name, digest)
+            if done is not None:
+                report.shards_reused += 1
+                bar.update(len(chunk))
+            else:
+                done = _write_shard(out / name, chunk, digest, pool, bar)
+                report.shards_written += 1
+            entries.append({"file": name, "clips": done["clips"], "samples": done["samples"]})
+            report.clips += done["clips"]
+            report.samples += done["samples"]
+            report.skipped += [tuple(s) for s in done["skipped"]]
+    bar.close()
+    index = {
+        "format": PACKED_FORMAT,
+        "version": 1,
+        "sample_rate": SAMPLE_RATE,
+        "clips": report.clips,
+        "samples": report.samples,
+        "shards": entries,
+        "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+    }
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, out / INDEX_NAME)
+    return report
+
+
+__all__ = [
+    "SAMPLE_RATE",
+    "PackedDataError",
+    "UnreadableAudioWarning",
+    "ignore_stop_signals",
+    "crop_samples",
+    "crop_start",
+    "shard_indices",
+    "ClipDataset",
+    "WaveformDataset",
+    "load_source",
+    "PackedDataset",
+    "read_index",
+    "is_packed",
+    "open_audio_dataset",
+    "collate_clips",
+    "AudioBatches",
+    "PackReport",
+    "quantize",
+    "pack_audio",
+]

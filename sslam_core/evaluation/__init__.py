@@ -1,0 +1,1 @@
+"""Evaluation: metrics, clip-level and strong (event) evaluation, plots."""

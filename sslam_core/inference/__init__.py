@@ -1,0 +1,2 @@
+"""Running a model over files: windows, decoding workers, the batched pipeline, tagging, events,
+embeddings."""
