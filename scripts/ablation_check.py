@@ -192,7 +192,7 @@ def feature_probes(run: Path, data: dict) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from sslam_core.evaluation.metrics import average_precision, polyphony_report
-    from sslam_core.models.checkpoints import load_model
+    from sslam_core.models.factory import load_model
 
     encoder = load_model(run)
     fsdd, train = pooled(encoder, data["fsdd_x"]), data["fsdd_train"]
@@ -224,7 +224,7 @@ def target_statistics(run: Path, data: dict, clips: int = 64) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sslam_core.models.checkpoints import load_model
+    from sslam_core.models.factory import load_model
     from sslam_core.training.mixing import choose_windows, partial_mix, window_frames
     from sslam_core.training.objective import regression_targets
     from sslam_core.training.pretraining import scaled_window

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.frontend import prepare_input
-from sslam_core.models.checkpoints import Checkpoint, save_checkpoint
+from sslam_core.models.checkpoint import Checkpoint
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.onnx_export import export_checkpoint, quantize_int8
 from sslam_core.models.onnx_runtime import open_session, run_session
 from sslam_core.models.precision import cpu_capability

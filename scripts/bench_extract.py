@@ -24,11 +24,11 @@ import soundfile as sf
 import torch
 from bench_encoder import RefEncoder
 
-from sslam_core.audio.decode import resample
 from sslam_core.audio.frontend import prepare_input
+from sslam_core.audio.resample import resample
 from sslam_core.inference.embeddings import embed
 from sslam_core.inference.pipeline import default_batching
-from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.transformer import Encoder, preset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -105,7 +105,7 @@ def measure_torchrun(args: argparse.Namespace) -> dict:
     import h5py
     import soundfile as sf
 
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
 
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     with tempfile.TemporaryDirectory() as tmp:

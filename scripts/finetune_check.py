@@ -26,7 +26,7 @@ import numpy as np
 
 from sslam_core.data.datasets import read_labelled
 from sslam_core.evaluation.metrics import polyphony_report
-from sslam_core.models.checkpoints import read_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import preset
 from sslam_core.training.finetuning import (
     FinetuneConfig,

@@ -57,7 +57,7 @@ from sslam_core.audio.frontend import prepare_input  # noqa: E402
 from sslam_core.data.labels import audioset_labels  # noqa: E402
 from sslam_core.inference.embeddings import embed  # noqa: E402
 from sslam_core.inference.pipeline import run_windows  # noqa: E402
-from sslam_core.models.checkpoints import save_checkpoint  # noqa: E402
+from sslam_core.models.layouts.native import save_checkpoint  # noqa: E402
 from sslam_core.models.precision import strict_fp32  # noqa: E402
 from sslam_core.models.transformer import Classifier, Encoder, count_flops, preset  # noqa: E402
 from sslam_core.training.objective import PretrainingModel  # noqa: E402

@@ -38,7 +38,8 @@ from torch import nn
 from sslam_core.data.datasets import LabelledSet, read_labelled
 from sslam_core.evaluation.classification import predict, summarize
 from sslam_core.inference.embeddings import embed
-from sslam_core.models.checkpoints import load_model, save_checkpoint
+from sslam_core.models.factory import load_model
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.precision import cpu_capability
 from sslam_core.models.transformer import Encoder, preset
 

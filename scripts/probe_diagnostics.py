@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.frontend import prepare_input
-from sslam_core.models.checkpoints import load_model
+from sslam_core.models.factory import load_model
 from sslam_core.models.transformer import Encoder, preset
 from sslam_core.training.objective import regression_targets
 

@@ -211,7 +211,8 @@ def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:
 def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False, precision: str = "fp32"):
     """Load a checkpoint (an `.onnx` export too; `precision="int8"`: its cached ONNX Runtime int8
     model); any problem becomes one line and exit status 2."""
-    from sslam_core.models.checkpoints import CheckpointError, load_model
+    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.models.factory import load_model
 
     try:
         return load_model(checkpoint, device=device, teacher=teacher, precision=precision)

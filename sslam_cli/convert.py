@@ -45,7 +45,8 @@ def convert(
 ) -> None:
     """Convert a checkpoint between the fairseq, Hugging Face and sslam layouts, keeping its labels,
     normalisation and training metadata."""
-    from sslam_core.models.checkpoints import LAYOUTS, CheckpointError, read_checkpoint, write_checkpoint
+    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.models.loading import LAYOUTS, read_checkpoint, write_checkpoint
 
     layout = to or infer_layout(dst)
     if layout is None:

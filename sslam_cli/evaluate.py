@@ -285,9 +285,12 @@ def _predict(
     stop,
 ):
     """`_run_model` inside its StopRequest `stop`, checked after the set-up and after every file."""
-    from sslam_core.data.datasets import DatasetError, read_labelled
+    from sslam_core.data.datasets import read_labelled
+    from sslam_core.data.label_formats import DatasetError
     from sslam_core.evaluation.classification import EvaluationError, class_columns, predict
-    from sslam_core.models.checkpoints import CheckpointError, model_from_checkpoint, read_checkpoint
+    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.models.factory import model_from_checkpoint
+    from sslam_core.models.loading import read_checkpoint
     from sslam_core.models.transformer import Classifier
     from sslam_core.runs import distributed
 

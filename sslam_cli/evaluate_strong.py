@@ -42,7 +42,8 @@ def evaluate_strong(
     """Run the model over the files of `strong` as `tag --events` would, score the events and the step
     scores (options in `metric`: collar, offset_collar_rate, segment_length), print a table or one
     JSON object; exits (status 1 when files were skipped)."""
-    from sslam_core.data.datasets import DatasetError, read_labelled
+    from sslam_core.data.datasets import read_labelled
+    from sslam_core.data.label_formats import DatasetError
     from sslam_core.evaluation.classification import EvaluationError, class_columns
     from sslam_core.evaluation.strong import (
         SedUnavailable,

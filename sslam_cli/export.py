@@ -42,7 +42,8 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch and length; config, labels and normalisation inside),
     and print how far its outputs are from torch's on a random batch."""
-    from sslam_core.models.checkpoints import CheckpointError, read_checkpoint
+    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.models.loading import read_checkpoint
     from sslam_core.models.onnx_export import EXPORT_MODULES, ExportError, export_checkpoint
     from sslam_core.models.onnx_runtime import OnnxUnavailable, require
 

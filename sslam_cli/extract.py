@@ -93,7 +93,7 @@ def extract(
     import sslam_core
     from sslam_core.data.inputs import collect_inputs
     from sslam_core.inference.embeddings import extract_to_h5, frame_shifts, granularities
-    from sslam_core.models.checkpoints import DEFAULT_ENCODER
+    from sslam_core.models.hub import DEFAULT_ENCODER
     from sslam_core.runs import distributed
     from sslam_core.runs.feature_store import COMPRESSIONS, StoreError
     from sslam_core.runs.interrupts import StopRequest

@@ -112,8 +112,9 @@ def finetune(
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core.data.datasets import DatasetError
-    from sslam_core.models.checkpoints import CheckpointError, read_checkpoint
+    from sslam_core.data.label_formats import DatasetError
+    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.models.loading import read_checkpoint
     from sslam_core.models.transformer import preset
     from sslam_core.runs import distributed
     from sslam_core.training.finetuning import (

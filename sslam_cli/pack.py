@@ -12,12 +12,15 @@ from sslam_cli.common import fail, warn
 
 def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
     """Shard files in `out` that packing `paths` would replace (made from other inputs)."""
-    from sslam_core.data.training_clips import _digest, _reusable
+    from sslam_core.data.packing import reusable_shard, sources_digest
 
     names = []
     for k, first in enumerate(range(0, len(paths), shard_size)):
         shard = out / f"shard-{k:05d}.h5"
-        if shard.exists() and _reusable(shard, _digest(paths[first : first + shard_size])) is None:
+        if (
+            shard.exists()
+            and reusable_shard(shard, sources_digest(paths[first : first + shard_size])) is None
+        ):
             names.append(shard.name)
     return names
 
@@ -36,8 +39,9 @@ def pack(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Pack audio into shards for `sslam pretrain`; re-running with the same inputs skips finished shards."""
-    from sslam_core.data.datasets import DatasetError, list_audio
-    from sslam_core.data.training_clips import pack_audio
+    from sslam_core.data.datasets import list_audio
+    from sslam_core.data.label_formats import DatasetError
+    from sslam_core.data.packing import pack_audio
     from sslam_core.runs.outputs import output_error
 
     if shard_size < 1:

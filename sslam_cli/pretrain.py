@@ -109,10 +109,10 @@ def pretrain(
 ) -> None:
     """Pre-train an EAT/SSLAM encoder; under `torchrun --nproc_per_node N` every rank runs this command.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core.audio.decode import AudioError
-    from sslam_core.data.datasets import DatasetError
-    from sslam_core.data.training_clips import PackedDataError
-    from sslam_core.models.checkpoints import CheckpointError
+    from sslam_core.audio.files import AudioError
+    from sslam_core.data.label_formats import DatasetError
+    from sslam_core.data.packing import PackedDataError
+    from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.runs import distributed
     from sslam_core.training.pretraining import (
         PretrainConfigError,

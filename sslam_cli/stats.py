@@ -24,7 +24,8 @@ from sslam_cli.common import (
 
 def _audio_paths(data: str, audio_dir: Path | None) -> list[str]:
     """Audio files of a labelled set, else of a folder, file list or manifest."""
-    from sslam_core.data.datasets import DatasetError, list_audio, read_labelled
+    from sslam_core.data.datasets import list_audio, read_labelled
+    from sslam_core.data.label_formats import DatasetError
 
     try:
         return [e.path for e in read_labelled(data, audio_dir=audio_dir).examples]

@@ -131,7 +131,7 @@ def tag(
     from sslam_core.inference.events import EVENT_FORMATS, tag_token_steps
     from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
     from sslam_core.inference.tagging import tag as run_tag
-    from sslam_core.models.checkpoints import DEFAULT_TAGGER
+    from sslam_core.models.hub import DEFAULT_TAGGER
     from sslam_core.models.transformer import Classifier
     from sslam_core.runs import distributed
     from sslam_core.runs.interrupts import StopRequest

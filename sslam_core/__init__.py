@@ -14,23 +14,23 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AudioError": "audio.decode",
+    "AudioError": "audio.files",
     "load_audio": "audio.decode",
-    "resample": "audio.decode",
-    "CheckpointError": "models.checkpoints",
-    "load_model": "models.checkpoints",
-    "read_checkpoint": "models.checkpoints",
-    "save_checkpoint": "models.checkpoints",
-    "embed": "inference.embeddings",
+    "resample": "audio.resample",
     "fbank": "audio.frontend",
     "normalize": "audio.frontend",
     "pad_or_crop": "audio.frontend",
     "prepare_input": "audio.frontend",
+    "CheckpointError": "models.checkpoint",
+    "load_model": "models.factory",
+    "read_checkpoint": "models.loading",
+    "save_checkpoint": "models.layouts.native",
     "Classifier": "models.transformer",
     "Encoder": "models.transformer",
     "ModelConfig": "models.transformer",
     "build_model": "models.transformer",
     "preset": "models.transformer",
+    "embed": "inference.embeddings",
     "tag": "inference.tagging",
 }
 

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from sslam_core.inference.embeddings import embed
-from sslam_core.models.checkpoints import DEFAULT_ENCODER
-from sslam_core.models.checkpoints import load_model as _load
+from sslam_core.models.factory import load_model as _load
+from sslam_core.models.hub import DEFAULT_ENCODER
 
 SAMPLE_RATE = 16000
 

@@ -8,15 +8,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from sslam_core.audio.decode import (
-    AudioError,
-    StreamingResampler,
-    _sinc_kernel,
-    audio_info,
-    load_audio,
-    resample,
-    stream_audio,
-)
+from sslam_core.audio.decode import audio_info, load_audio, stream_audio
+from sslam_core.audio.files import AudioError
+from sslam_core.audio.resample import StreamingResampler, _sinc_kernel, resample
 
 DATA = Path(__file__).parent / "data"
 RESAMPLE = np.load(Path(__file__).parent / "fixtures" / "frontend" / "resample_cases.npz")

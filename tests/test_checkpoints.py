@@ -20,17 +20,12 @@ import typer
 from sslam_cli.convert import convert, infer_layout
 from sslam_core.data.labels import LabelError, audioset_labels, read_label_csv
 from sslam_core.models import safe_pickle
-from sslam_core.models.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    fairseq_container,
-    hf_tensors,
-    load_model,
-    model_from_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-    write_checkpoint,
-)
+from sslam_core.models.checkpoint import Checkpoint, CheckpointError
+from sslam_core.models.factory import load_model, model_from_checkpoint
+from sslam_core.models.layouts.fairseq import fairseq_container
+from sslam_core.models.layouts.huggingface import hf_tensors
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint, write_checkpoint
 from sslam_core.models.transformer import Encoder, build_model, preset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"

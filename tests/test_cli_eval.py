@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from sslam_cli.main import app
 from sslam_core.evaluation.classification import Predictions
-from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

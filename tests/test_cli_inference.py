@@ -241,7 +241,7 @@ def test_hear_api_and_python_api():
 def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
     from sslam_core.inference import pipeline as inference
     from sslam_core.inference.embeddings import embed
-    from sslam_core.models.checkpoints import load_model
+    from sslam_core.models.factory import load_model
 
     model = load_model(PRETRAIN)
     eager = next(embed(model, [str(long_wav)], granularity="all", batch_size=2))

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
-from sslam_core.models import checkpoints
-from sslam_core.models.checkpoints import Checkpoint, load_model, read_checkpoint, save_checkpoint
+from sslam_core.models import checkpoint
+from sslam_core.models.checkpoint import Checkpoint
+from sslam_core.models.factory import load_model
+from sslam_core.models.layouts import fairseq
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import Encoder, ModelConfig
 from sslam_core.runs.outputs import os_error_behind
 
@@ -105,7 +110,7 @@ def test_a_converted_hf_folder_tags_with_the_run_labels(tmp_path, run_folder):
 
 def test_fairseq_export_records_the_input_length_for_fairseq_too(tmp_path, run_folder):
     assert sslam("convert", run_folder, tmp_path / "ft.pt").exit_code == 0
-    container = checkpoints.torch_load(tmp_path / "ft.pt")
+    container = fairseq.torch_load(tmp_path / "ft.pt")
     assert container["cfg"]["task"]["target_length"] == 208
     assert container["task_state"]["labels"] == {"0": "0", "1": "1", "2": "2"}
 
@@ -168,7 +173,7 @@ def test_injected_os_errors_are_one_line(tmp_path, monkeypatch, layout, code, ca
     def broken(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoints, "save_file", broken)
+    monkeypatch.setattr(checkpoint, "save_file", broken)
     monkeypatch.setattr(torch, "save", broken)
     out = tmp_path / "[out]" / OUTPUTS[layout]
     where = out / "model.safetensors" if layout == "hf" else out
@@ -178,9 +183,7 @@ def test_injected_os_errors_are_one_line(tmp_path, monkeypatch, layout, code, ca
 
 def test_serializer_errors_are_read_as_os_errors():
     """safetensors names the errno in its message; torch.save chains the OSError behind a RuntimeError."""
-    rust = checkpoints.SafetensorError(
-        "Error while serializing: I/O error: No space left on device (os error 28)"
-    )
+    rust = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert os_error_behind(rust).errno == errno.ENOSPC
     wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     wrapped.__context__ = OSError(errno.EROFS, "Read-only file system")

@@ -151,7 +151,7 @@ def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
 def test_eval_under_two_ranks_scores_the_gathered_predictions(tmp_path):
     import torch
 
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
     from sslam_core.models.transformer import ModelConfig, build_model
 
     torch.manual_seed(0)

@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sslam_core.data.datasets import (
-    AUDIO_EXTENSIONS,
-    DatasetError,
-    Example,
-    LabelledSet,
-    list_audio,
-    read_labelled,
-    split_examples,
-)
+from sslam_core.data.datasets import Example, LabelledSet, list_audio, read_labelled, split_examples
+from sslam_core.data.label_formats import AUDIO_EXTENSIONS, DatasetError
 
 DATA = Path(__file__).parent / "data"
 POLY = DATA / "polydigits"

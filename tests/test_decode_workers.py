@@ -17,7 +17,8 @@ import soundfile as sf
 import torch
 from conftest import child_pids
 
-from sslam_core.inference.pipeline import AudioSource, Shifted, feature_head, run_windows
+from sslam_core.audio.files import AudioSource
+from sslam_core.inference.pipeline import Shifted, feature_head, run_windows
 from sslam_core.models.transformer import Encoder, preset
 from sslam_core.runs.interrupts import StopRequest
 

@@ -111,14 +111,14 @@ def _stop_worker(rank: int, port: int, root: str) -> None:
     result = {"steps": summary["steps"], "interrupted": summary.get("interrupted")}
 
     # A full disk on rank 0 (the only writer) stops every rank with an error, none waits forever.
-    from sslam_core.models import checkpoints
+    from sslam_core.runs import outputs
     from sslam_core.runs.outputs import OutputError
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if rank == 0:
-        checkpoints._RecordingFile.write = full
+        outputs._RecordingFile.write = full
     try:
         train(
             ShardedToyTask(), TrainConfig(**{**cfg.to_dict(), "betas": (0.9, 0.95), "steps": 9}), resume=True

@@ -23,7 +23,8 @@ from sslam_core.data.labels import audioset_labels
 from sslam_core.evaluation.classification import Predictions, match_classes
 from sslam_core.evaluation.plots import curve_groups
 from sslam_core.inference.tagging import tag
-from sslam_core.models.checkpoints import load_model, save_checkpoint
+from sslam_core.models.factory import load_model
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

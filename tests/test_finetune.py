@@ -20,7 +20,9 @@ from sslam_core.data.augment import (
 )
 from sslam_core.data.datasets import read_labelled
 from sslam_core.data.training_clips import WaveformDataset
-from sslam_core.models.checkpoints import load_model, read_checkpoint, save_checkpoint
+from sslam_core.models.factory import load_model
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import Encoder, ModelConfig
 from sslam_core.training.finetuning import (
     FinetuneConfig,

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.audio.decode import resample
 from sslam_core.audio.frontend import (
     NORMALIZATION,
     fbank,
@@ -16,6 +15,7 @@ from sslam_core.audio.frontend import (
     pad_or_crop,
     prepare_input,
 )
+from sslam_core.audio.resample import resample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frontend"
 CASES = np.load(FIXTURES / "fbank_cases.npz")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.models.checkpoints import load_model
+from sslam_core.models.factory import load_model
 from sslam_core.models.transformer import Classifier, Encoder, count_flops, preset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"

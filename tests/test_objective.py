@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.models.checkpoints import read_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import ModelConfig
 from sslam_core.training.mixing import choose_windows, mix_batch, partial_mix, window_candidates
 from sslam_core.training.objective import ObjectiveConfig, PretrainingModel, ema_decay_at

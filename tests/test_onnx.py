@@ -21,7 +21,10 @@ pytest.importorskip("onnxscript")
 
 from sslam_cli.common import load_model_or_fail  # noqa: E402
 from sslam_cli.main import app  # noqa: E402
-from sslam_core.models.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint  # noqa: E402
+from sslam_core.models.checkpoint import CheckpointError
+from sslam_core.models.factory import load_model
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.onnx_export import export_checkpoint  # noqa: E402
 from sslam_core.models.onnx_runtime import OnnxEncoder, read_metadata  # noqa: E402
 from sslam_core.models.transformer import Classifier, ModelConfig, build_model  # noqa: E402
@@ -224,10 +227,10 @@ def test_int8_precision_is_cached_by_sha256(monkeypatch, tmp_path):
         raise AssertionError("the cached int8 model should be reused")
 
     monkeypatch.setattr(onnx_export, "export_checkpoint", no_export)
-    from sslam_core.models import checkpoints
+    from sslam_core.models.layouts import fairseq
 
     with monkeypatch.context() as m:  # a cached int8 model is found by hash: the weights stay unread
-        m.setattr(checkpoints, "torch_load", no_export)
+        m.setattr(fairseq, "torch_load", no_export)
         assert load_model(FINETUNED, precision="int8").checkpoint_info["source"] == str(cached)
     again = load_model(FINETUNED, precision="int8")
     assert load_model_or_fail(str(FINETUNED), torch.device("cpu"), precision="int8").precision == "int8"
@@ -307,7 +310,7 @@ def test_precision_int8_in_the_commands_is_cached_and_close(tmp_path):
 
 def test_large_logits_are_checked_relative_to_their_size():
     """A head whose logits reach ~1e3 (a linear probe's can) exports: fp32 steps by 1e-4 there."""
-    from sslam_core.models.checkpoints import Checkpoint
+    from sslam_core.models.checkpoint import Checkpoint
     from sslam_core.models.onnx_export import tolerance
 
     torch.manual_seed(0)

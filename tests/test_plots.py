@@ -191,11 +191,11 @@ def test_pack_refuses_to_replace_shards_of_other_inputs(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in sslam("pack", *DIGITS, "-o", tmp_path / "file", code=2).stderr
 
-    import sslam_core.data.training_clips
+    import sslam_core.data.packing
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sslam_core.data.training_clips, "pack_audio", full_disk)
+    monkeypatch.setattr(sslam_core.data.packing, "pack_audio", full_disk)
     failed = sslam("pack", *DIGITS, "-o", tmp_path / "p2", "-q", code=2)
     assert failed.stderr.strip() == f"error: {tmp_path / 'p2'}: cannot write (no space left on device)"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sslam_core.models.checkpoints import read_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.training.pretraining import (
     PretrainConfigError,
     read_config_file,

@@ -23,7 +23,9 @@ from typer.testing import CliRunner
 
 import sslam_core
 from sslam_core.models import safe_pickle
-from sslam_core.models.checkpoints import CheckpointError, fairseq_container, read_checkpoint
+from sslam_core.models.checkpoint import CheckpointError
+from sslam_core.models.layouts.fairseq import fairseq_container
+from sslam_core.models.loading import read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 DATA = Path(__file__).parent / "data"

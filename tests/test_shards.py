@@ -19,19 +19,12 @@ import torch
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.audio.decode import AudioError, load_audio
+from sslam_core.audio.decode import audio_info, load_audio, stream_audio
+from sslam_core.audio.files import AudioError
+from sslam_core.audio.tar import TarMember, Unreadable, index_shard, split_key
 from sslam_core.data.datasets import read_labelled
 from sslam_core.data.inputs import collect_inputs
-from sslam_core.data.shards import (
-    TarMember,
-    Unreadable,
-    expand_braces,
-    index_shard,
-    is_shard_spec,
-    sample_labels,
-    shard_paths,
-    split_key,
-)
+from sslam_core.data.shards import expand_braces, is_shard_spec, sample_labels, shard_paths
 from sslam_core.data.training_clips import WaveformDataset, open_audio_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,8 +145,11 @@ def test_index_groups_members_by_key_and_reads_by_offset(corpus):
     assert member.size == len(raw) and member.open().read() == raw
     assert sample_labels(index.fields["1_george_0"]) == [1]
     again = pickle.loads(pickle.dumps(member))  # decoding may run in worker processes
-    assert torch.equal(torch.cat(list(again.blocks(1.0))), load_audio(FSDD / "1_george_0.wav"))
-    assert member.seconds() == pytest.approx(load_audio(FSDD / "1_george_0.wav", 8000).numel() / 8000)
+    # a member decodes like a path (it is an AudioFile), block by block too
+    assert torch.equal(
+        torch.cat(list(stream_audio(again, block_seconds=1.0))), load_audio(FSDD / "1_george_0.wav")
+    )
+    assert audio_info(member)[3] == pytest.approx(load_audio(FSDD / "1_george_0.wav", 8000).numel() / 8000)
     typing = index_shard(str(corpus / "shards" / "typing.tar"))
     assert [s.source.name for s in typing.samples] == [str(corpus / "shards" / "typing.tar/rec/typing.flac")]
 
@@ -210,7 +206,7 @@ def test_tag_on_a_shard_list(corpus, monkeypatch):
 
 @pytest.fixture(scope="module")
 def digit_classifier(tmp_path_factory) -> Path:
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
     from sslam_core.models.transformer import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -254,7 +250,7 @@ def test_eval_with_cls_labels(corpus, digit_classifier, monkeypatch):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> str:
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
     from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
@@ -321,7 +317,7 @@ def test_hostile_shards_in_labelled_sets_and_training_data(hostile):
     assert isinstance(dataset, WaveformDataset) and len(dataset) == 2
     item = dataset[1]  # the damage: replaced by the next readable clip, and said why
     assert item["index"] == 0 and item["skipped"][0][0] == str(hostile / "damaged.tar")
-    from sslam_core.data.datasets import DatasetError
+    from sslam_core.data.label_formats import DatasetError
 
     with pytest.raises(DatasetError, match="notatar.tar: not a tar archive"):
         open_audio_dataset([str(hostile / "notatar.tar"), str(hostile / "empty.tar")])

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from sslam_cli.main import app
-from sslam_core.models.checkpoints import save_checkpoint
+from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.transformer import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_psds_equals_sed_scores_eval_on_the_step_scores(mean_ckpt):
 
     summary = json.loads(sslam("eval", "-c", mean_ckpt, "--strong", STRONG, "-f", "json", *WINDOW, *EVENTS,
                                "--collar", "0.3", "--segment-length", "0.5").stdout)  # fmt: skip
-    from sslam_core.models.checkpoints import load_model
+    from sslam_core.models.factory import load_model
 
     model = load_model(str(mean_ckpt))
     truth = reference()

@@ -193,7 +193,7 @@ class TinyPretrainTask:
         return {"ema_decay": self.model.ema_step(step)}
 
     def export(self, path):
-        from sslam_core.models.checkpoints import save_checkpoint
+        from sslam_core.models.layouts.native import save_checkpoint
 
         m = self.model
         save_checkpoint(
@@ -202,7 +202,7 @@ class TinyPretrainTask:
 
 
 def test_pretraining_objective_trains_and_resumes_exactly(tmp_path):
-    from sslam_core.models.checkpoints import read_checkpoint
+    from sslam_core.models.loading import read_checkpoint
 
     kw = dict(steps=4, batch_size=2, lr=1e-3, warmup=1, save_every=2, log_every=1)
     whole = TinyPretrainTask()

@@ -13,6 +13,7 @@ import torch
 
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.frontend import prepare_input
+from sslam_core.data.packing import pack_audio
 from sslam_core.data.training_clips import (
     AudioBatches,
     PackedDataset,
@@ -20,7 +21,6 @@ from sslam_core.data.training_clips import (
     WaveformDataset,
     crop_samples,
     open_audio_dataset,
-    pack_audio,
     shard_indices,
 )
 

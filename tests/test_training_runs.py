@@ -16,7 +16,7 @@ import torch
 from test_trainer import ToyTask, config  # not tests.test_trainer: dcase_util installs a "tests" package
 from typer.testing import CliRunner
 
-from sslam_core.models import checkpoints
+from sslam_core.runs import outputs
 from sslam_core.runs.outputs import OutputError
 from sslam_core.training import trainer
 from sslam_core.training.trainer import RunFolderError, check_run_folder, train
@@ -106,7 +106,7 @@ def test_no_space_for_state_keeps_the_previous_one_and_resume_continues(tmp_path
     train(whole, config(tmp_path / "whole"))
     out = tmp_path / "run"
     writes = []
-    real = checkpoints._RecordingFile.write
+    real = outputs._RecordingFile.write
 
     def write(self, data):
         writes.append(self)
@@ -114,7 +114,7 @@ def test_no_space_for_state_keeps_the_previous_one_and_resume_continues(tmp_path
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
 
-    monkeypatch.setattr(checkpoints._RecordingFile, "write", write)
+    monkeypatch.setattr(outputs._RecordingFile, "write", write)
     with pytest.raises(OutputError) as err:
         train(ToyTask(), config(out))
     assert str(err.value) == f"{out / 'state.pt'}: cannot write (no space left on device)"
@@ -257,7 +257,7 @@ def test_pretrain_resume_rederives_the_schedule_and_says_so(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
     from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)

@@ -87,7 +87,7 @@ def test_pretrain_signal_saves_and_resume_is_bit_identical(tmp_path, whole_pretr
 
 
 def test_finetune_ctrl_c_saves_and_resume_is_bit_identical(tmp_path):
-    from sslam_core.models.checkpoints import save_checkpoint
+    from sslam_core.models.layouts.native import save_checkpoint
     from sslam_core.models.transformer import Encoder, ModelConfig
 
     cfg = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)

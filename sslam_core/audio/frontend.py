@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sslam_core.audio.decode import resample
+from sslam_core.audio.resample import resample
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms

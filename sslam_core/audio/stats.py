@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sslam_core.audio.decode import AudioError, load_audio
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.files import AudioError
 from sslam_core.audio.frontend import HOP, N_MELS, SAMPLE_RATE, WINDOW, fbank, num_frames
 
 

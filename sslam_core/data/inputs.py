@@ -7,9 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sslam_core.data.datasets import DatasetError, list_audio, read_file_list
-from sslam_core.data.label_formats import printable
-from sslam_core.data.shards import ShardSource, TarMember, Unreadable, is_shard_spec, shard_sources
+from sslam_core.audio.files import printable
+from sslam_core.audio.tar import ShardSource, TarMember, Unreadable
+from sslam_core.data.datasets import list_audio, read_file_list
+from sslam_core.data.label_formats import DatasetError
+from sslam_core.data.shards import is_shard_spec, shard_sources
 
 LIST_SUFFIXES = (".txt", ".lst", ".tsv")
 

@@ -47,13 +47,6 @@ class Parsed:
     extra: dict = field(default_factory=dict)
 
 
-def printable(name: str) -> str:
-    """`name` as valid UTF-8 text: bytes of a file name that are not UTF-8 (held by Python as lone
-    surrogates) become `\\xNN` escapes, so that the name can be printed, written to JSON / CSV and
-    stored in HDF5; the file itself is still read by its real path."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def stem(path: str) -> str:
     """File name without folder and extension."""
     return os.path.splitext(os.path.basename(path))[0]

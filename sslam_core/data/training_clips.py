@@ -5,45 +5,32 @@ the model input on the training device in one batched fbank call, padding short 
 domain as the official code does. Crops and the shuffle are functions of (epoch seed, clip index), so a
 resumed run sees exactly the clips and crops the interrupted one would have seen.
 
-Packed format (`sslam pack`): a folder with `index.json` and shards `shard-00000.h5`, each holding
-`audio` (M,) int16 at 16 kHz (all clips concatenated), `offsets` (n + 1,) int64 and `paths` (n,) utf-8,
-attribute sample_rate = 16000.
+Packed folders (`sslam pack`, format in `data.packing`) are read by `PackedDataset`.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from sslam_core.audio.decode import AudioError, load_audio, resolve_input
-
-if TYPE_CHECKING:
-    from sslam_core.inference.pipeline import AudioSource
+from sslam_core.audio.decode import load_audio, resolve_input
+from sslam_core.audio.files import AudioError, AudioFile, AudioSource
+from sslam_core.data.packing import is_packed, read_index, read_offsets
+from sslam_core.runs.interrupts import ignore_stop_signals
 
 SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 160
-PACKED_FORMAT = "sslam-packed"
-INDEX_NAME = "index.json"
 MAX_SUBSTITUTES = 16
-
-
-class PackedDataError(Exception):
-    """A packed-audio folder or shard that cannot be read; the message names the file and why."""
 
 
 class UnreadableAudioWarning(UserWarning):
@@ -69,20 +56,6 @@ def shard_indices(n: int, epoch_seed: int, rank: int, world_size: int, shuffle: 
     )
     per_rank = n // world_size
     return order[rank * per_rank : (rank + 1) * per_rank].tolist()
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader workers leave the first SIGINT / SIGTERM / SIGUSR1 to the main process, which saves
-    and stops at a step boundary (Ctrl-C and schedulers signal the whole process group); a second one
-    of a kind has its default effect, so the loader's own terminate() at shut-down still works."""
-    import signal
-
-    def once(signum, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), once)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,10 +103,10 @@ class ClipDataset(Dataset, ABC):
         raise AudioError(self.path(index), f"this and the next {MAX_SUBSTITUTES - 1} clips are unreadable")
 
 
-def load_source(source: str | os.PathLike | AudioSource) -> torch.Tensor:
-    """The whole 16 kHz mono wave of a path or of a self-decoding source (a tar member); AudioError
-    when it cannot be decoded."""
-    if isinstance(source, (str, os.PathLike)):
+def load_source(source: str | os.PathLike | AudioFile | AudioSource) -> torch.Tensor:
+    """The whole 16 kHz mono wave of a path, a member of another file (a tar member) or a
+    self-decoding source; AudioError when it cannot be decoded."""
+    if isinstance(source, str | os.PathLike | AudioFile):
         return load_audio(source, SAMPLE_RATE)
     parts = list(source.blocks(60.0))
     if not parts:
@@ -141,7 +114,7 @@ def load_source(source: str | os.PathLike | AudioSource) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _source(path: str | os.PathLike | AudioSource) -> str | AudioSource:
+def _source(path: str | os.PathLike | AudioFile | AudioSource) -> str | AudioFile | AudioSource:
     """A path as a string, a `SHARD.tar/MEMBER` name as its TarMember (the shard indexed once here,
     not again in every DataLoader worker), any other source as it is."""
     if not isinstance(path, (str, os.PathLike)):
@@ -155,12 +128,12 @@ def _source(path: str | os.PathLike | AudioSource) -> str | AudioSource:
 
 class WaveformDataset(ClipDataset):
     """Audio decoded to 16 kHz mono, randomly cropped to `target_length` frames' worth of samples. The
-    inputs are paths, or sources such as tar members (`shards.TarMember`, which reads its bytes by
+    inputs are paths, or sources such as tar members (`tar.TarMember`, which reads its bytes by
     offset in whichever DataLoader worker asks for it; their `SHARD.tar/MEMBER` names work too)."""
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike | AudioSource],
+        paths: Sequence[str | os.PathLike | AudioFile | AudioSource],
         target_length: int = 1024,
         random_crop: bool = True,
         labels: Sequence | None = None,
@@ -202,7 +175,7 @@ class PackedDataset(ClipDataset):
         self.shards: list[_Shard] = []
         for folder in map(Path, folders):
             for name in read_index(folder)["shards"]:
-                self.shards.append(_Shard(str(folder / name["file"]), _read_offsets(folder / name["file"])))
+                self.shards.append(_Shard(str(folder / name["file"]), read_offsets(folder / name["file"])))
         self._starts = np.cumsum([0] + [len(s.offsets) - 1 for s in self.shards]).tolist()
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
@@ -241,34 +214,6 @@ class PackedDataset(ClipDataset):
         return torch.from_numpy(samples.astype(np.float32) / 32768.0)
 
 
-def read_index(folder: str | os.PathLike) -> dict:
-    """A packed folder's index.json, checked."""
-    path = Path(folder) / INDEX_NAME
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PackedDataError(f"{path}: cannot read packed-audio index ({err})") from err
-    if index.get("format") != PACKED_FORMAT or index.get("sample_rate") != SAMPLE_RATE:
-        raise PackedDataError(f"{path}: not an sslam packed-audio index at {SAMPLE_RATE} Hz")
-    return index
-
-
-def _read_offsets(path: Path) -> np.ndarray:
-    try:
-        with h5py.File(path, "r") as f:
-            offsets = f["offsets"][:].astype(np.int64)
-            if len(offsets) != len(f["paths"]) + 1 or offsets[-1] != len(f["audio"]):
-                raise PackedDataError(f"{path}: offsets do not match paths and audio")
-            return offsets
-    except (OSError, KeyError) as err:
-        raise PackedDataError(f"{path}: cannot read shard ({err})") from err
-
-
-def is_packed(path: str | os.PathLike) -> bool:
-    """A folder holding index.json is a packed dataset."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX_NAME))
-
-
 def open_audio_dataset(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     target_length: int = 1024,
@@ -285,8 +230,10 @@ def open_audio_dataset(
         return PackedDataset(paths, target_length, random_crop)
     if any(packed):
         raise ValueError("mix of packed folders and audio files; pack them all or pass none packed")
-    from sslam_core.data.datasets import DatasetError, list_audio
-    from sslam_core.data.shards import Unreadable, is_shard_spec, shard_sources
+    from sslam_core.audio.tar import Unreadable
+    from sslam_core.data.datasets import list_audio
+    from sslam_core.data.label_formats import DatasetError
+    from sslam_core.data.shards import is_shard_spec, shard_sources
 
     sources: list = []
     for item in map(os.fspath, paths):
@@ -385,132 +332,9 @@ class AudioBatches:
 # Packing
 
 
-@dataclass
-class PackReport:
-    """What `pack_audio` did: clips and samples in the index, shards written or reused, inputs skipped."""
-
-    clips: int = 0
-    samples: int = 0
-    shards_written: int = 0
-    shards_reused: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def quantize(wave: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float samples in [-1, 1) -> int16 (x 32768, rounded, clipped)."""
-    x = np.asarray(wave, dtype=np.float32)
-    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def _digest(paths: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(paths).encode()).hexdigest()
-
-
-def _decode(path: str) -> tuple[str, np.ndarray | None, str]:
-    try:
-        return path, quantize(load_audio(path, SAMPLE_RATE)), ""
-    except AudioError as err:
-        return path, None, err.reason
-
-
-def _reusable(path: Path, digest: str) -> dict | None:
-    """A finished shard made from the same inputs: its index entry and skipped list, else None."""
-    if not path.exists():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("sources_sha1") != digest:
-                return None
-            return {
-                "clips": len(f["paths"]),
-                "samples": len(f["audio"]),
-                "skipped": json.loads(f.attrs["skipped"]),
-            }
-    except (OSError, KeyError, json.JSONDecodeError):
-        return None
-
-
-def _write_shard(path: Path, sources: Sequence[str], digest: str, pool: ThreadPoolExecutor, bar) -> dict:
-    """Decode `sources` (in order) into one shard file, written under a temporary name then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    offsets, names, skipped = [0], [], []
-    with h5py.File(tmp, "w") as f:
-        audio = f.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(1 << 16,))
-        for source, samples, reason in pool.map(_decode, sources):
-            bar.update(1)
-            if samples is None:
-                skipped.append([source, reason])
-                continue
-            audio.resize((offsets[-1] + len(samples),))
-            audio[offsets[-1] :] = samples
-            offsets.append(offsets[-1] + len(samples))
-            names.append(source)
-        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
-        f.create_dataset("paths", data=names, dtype=h5py.string_dtype("utf-8"))
-        f.attrs["sample_rate"] = SAMPLE_RATE
-        f.attrs["sources_sha1"] = digest
-        f.attrs["skipped"] = json.dumps(skipped)
-    os.replace(tmp, path)
-    return {"clips": len(names), "samples": offsets[-1], "skipped": skipped}
-
-
-def pack_audio(
-    paths: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    shard_size: int = 1000,
-    num_workers: int = 2,
-    progress: bool = True,
-) -> PackReport:
-    """Decode audio files to 16 kHz int16 shards of `shard_size` inputs plus index.json.
-
-    Re-running with the same inputs skips shards that are already finished; unreadable inputs are
-    left out and listed in the report and in index.json.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard size must be at least 1, got {shard_size}")
-    sources = [os.fspath(p) for p in paths]
-    if not sources:
-        raise ValueError("no audio files to pack")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report, entries = PackReport(), []
-    bar = tqdm(total=len(sources), disable=not progress, unit="file", desc="pack")
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        for k, first in enumerate(range(0, len(sources), shard_size)):
-            chunk = sources[first : first + shard_size]
-            name, digest = f"shard-{k:05d}.h5", _digest(chunk)
-            done = _reusable(out / name, digest)
-            if done is not None:
-                report.shards_reused += 1
-                bar.update(len(chunk))
-            else:
-                done = _write_shard(out / name, chunk, digest, pool, bar)
-                report.shards_written += 1
-            entries.append({"file": name, "clips": done["clips"], "samples": done["samples"]})
-            report.clips += done["clips"]
-            report.samples += done["samples"]
-            report.skipped += [tuple(s) for s in done["skipped"]]
-    bar.close()
-    index = {
-        "format": PACKED_FORMAT,
-        "version": 1,
-        "sample_rate": SAMPLE_RATE,
-        "clips": report.clips,
-        "samples": report.samples,
-        "shards": entries,
-        "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-    }
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / INDEX_NAME)
-    return report
-
-
 __all__ = [
     "SAMPLE_RATE",
-    "PackedDataError",
     "UnreadableAudioWarning",
-    "ignore_stop_signals",
     "crop_samples",
     "crop_start",
     "shard_indices",
@@ -518,12 +342,7 @@ __all__ = [
     "WaveformDataset",
     "load_source",
     "PackedDataset",
-    "read_index",
-    "is_packed",
     "open_audio_dataset",
     "collate_clips",
     "AudioBatches",
-    "PackReport",
-    "quantize",
-    "pack_audio",
 ]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sslam_core.audio.decode import AudioError, load_audio
+from sslam_core.audio.decode import load_audio
+from sslam_core.audio.files import AudioError
 from sslam_core.data.datasets import LabelledSet
 from sslam_core.evaluation.metrics import (
     average_precision,

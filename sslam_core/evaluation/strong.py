@@ -105,7 +105,7 @@ def read_strong_events(path: str) -> StrongLabels:
     """`filename<TAB>onset<TAB>offset<TAB>event_label` lines (a header line is allowed; a line with only
     a filename, or empty onset, offset and label, lists a file without events); StrongEvalError naming
     the file and line otherwise."""
-    from sslam_core.data.datasets import DatasetError
+    from sslam_core.data.label_formats import DatasetError
 
     try:
         lines = read_lines(path)

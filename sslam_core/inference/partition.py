@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sslam_core.audio.decode import audio_info
-from sslam_core.inference.pipeline import AudioSource, Shifted, Source
+from sslam_core.audio.files import AudioFile, AudioSource
+from sslam_core.inference.pipeline import Shifted, Source
 from sslam_core.runs import distributed
 from sslam_core.runs.outputs import write_text
 
@@ -34,7 +35,7 @@ def duration_of(source: Source) -> float | None:
     """Seconds of audio in `source` from its header, or None when that is unknown or unreadable."""
     if isinstance(source, Shifted):
         return duration_of(source.source)
-    if isinstance(source, str):
+    if isinstance(source, str | AudioFile):
         try:
             return float(audio_info(source)[3])
         except Exception:  # decoding reports the file later; here it only weighs as an average one
@@ -62,7 +63,7 @@ def _filled(seconds: Sequence[float | None], sizes: Sequence[int | None]) -> lis
 def _size(source: Source) -> int | None:
     if isinstance(source, Shifted):
         return _size(source.source)
-    return getattr(source, "size", None) if isinstance(source, AudioSource) else None
+    return getattr(source, "size", None) if isinstance(source, AudioFile | AudioSource) else None
 
 
 def durations(sources: Sequence[Source]) -> list[float]:

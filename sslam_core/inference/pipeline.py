@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from sslam_core.audio.decode import AudioError, audio_info, resample, stream_audio
+from sslam_core.audio.decode import audio_info, stream_audio
+from sslam_core.audio.files import AudioError, AudioFile, AudioSource
 from sslam_core.audio.frontend import prepare_input
+from sslam_core.audio.resample import resample
 from sslam_core.inference.workers import TaskFailed, ordered_map
 from sslam_core.models.precision import strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
@@ -157,24 +158,9 @@ class Shifted:
     frames: int
 
 
-@runtime_checkable
-class AudioSource(Protocol):
-    """Audio that is neither a file path nor a waveform (a member of a tar shard): it names itself and
-    decodes itself. Instances must pickle, so that decoding can run in worker processes."""
-
-    name: str
-
-    def blocks(self, block_seconds: float) -> Iterable[Tensor]:
-        """1-D float32 mono blocks at 16 kHz; raises AudioError when it cannot be decoded."""
-        ...
-
-    def seconds(self) -> float | None:
-        """Its duration when known cheaply (None otherwise): long ones are streamed, not decoded ahead."""
-        ...
-
-
-# a file path, an in-memory (wave, sample_rate), a self-decoding source, or any of these shifted
-Source = str | tuple[Tensor, int] | AudioSource | Shifted
+# a file path, an in-memory (wave, sample_rate), a member of another file (a tar shard's), a
+# self-decoding source, or any of these shifted
+Source = str | tuple[Tensor, int] | AudioFile | AudioSource | Shifted
 STREAM_SECONDS = 300.0  # files longer than this are cut while decoding, not decoded ahead
 
 
@@ -199,7 +185,7 @@ def _skip(blocks: Iterable[Tensor], samples: int) -> Iterator[Tensor]:
 def _blocks(source: Source, name: str, block_seconds: float) -> Iterable[Tensor]:
     if isinstance(source, Shifted):
         return _skip(_blocks(source.source, name, block_seconds), source.frames * HOP_SAMPLES)
-    if isinstance(source, str):
+    if isinstance(source, str | AudioFile):
         return stream_audio(source, SAMPLE_RATE, block_seconds=block_seconds)
     if isinstance(source, AudioSource):
         return source.blocks(block_seconds)
@@ -291,7 +277,7 @@ def _is_long(source: Source) -> bool:
         return False
     if isinstance(source, Shifted):
         return _is_long(source.source)
-    if not isinstance(source, str):  # an AudioSource
+    if isinstance(source, AudioSource) and not isinstance(source, AudioFile):
         return (source.seconds() or 0.0) > STREAM_SECONDS
     try:
         return audio_info(source)[3] > STREAM_SECONDS

@@ -74,7 +74,7 @@ def _serve(
     process's death closes this worker's pipes (and the worker ends) instead of leaving it blocked."""
     import torch
 
-    from sslam_core.data.training_clips import ignore_stop_signals
+    from sslam_core.runs.interrupts import ignore_stop_signals
 
     for conn in inherited:
         conn.close()

@@ -25,14 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sslam_core.models.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    _metadata,
-    model_from_checkpoint,
-    read_checkpoint,
-)
-from sslam_core.models.onnx_runtime import INPUT, open_session, require, run_session
+from sslam_core.models.checkpoint import Checkpoint, CheckpointError, metadata, sha256_file
+from sslam_core.models.loading import read_checkpoint, reader_for, resolve, torch_model
+from sslam_core.models.onnx_runtime import INPUT, onnx_model, open_session, require, run_session
 from sslam_core.models.transformer import Classifier
 from sslam_core.runs.outputs import atomic_write
 
@@ -158,7 +153,7 @@ def export_checkpoint(
 
     if ckpt.layout == "onnx":
         raise ExportError(f"{ckpt.source}: is already an ONNX export; export its source checkpoint")
-    model = model_from_checkpoint(ckpt, "cpu")
+    model = torch_model(ckpt, "cpu")
     encoder = getattr(model, "encoder", model)
     try:
         depth = encoder.resolve_layer(layer)
@@ -176,7 +171,7 @@ def export_checkpoint(
         check_batch, 1, frames, ckpt.config.mel_bins, generator=torch.Generator().manual_seed(seed)
     )
     proto = _to_onnx(graph, example, outputs)
-    meta = _metadata(ckpt)
+    meta = metadata(ckpt)
     meta["extra"] = {**meta["extra"], "target_length": frames}
     meta.update(kind=kind, layer=depth, target_length=frames, source=ckpt.source, source_sha256=ckpt.sha256)
     with torch.inference_mode():
@@ -248,7 +243,7 @@ def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Modul
         path, _ = int8_checkpoint(ckpt)
     except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
         raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
-    return model_from_checkpoint(read_checkpoint(path, allow_onnx=True), device)
+    return onnx_model(read_checkpoint(path, allow_onnx=True), device)
 
 
 def load_int8(
@@ -256,17 +251,15 @@ def load_int8(
 ) -> nn.Module:
     """`load_model(path_or_id, precision="int8")`: when the int8 model is cached, the checkpoint file is
     only hashed to find it, its torch weights are not read (seconds saved on every run of a ViT-B)."""
-    from sslam_core.models.checkpoints import _reader, _sha256, resolve
-
     path = resolve(path_or_id)
     if path.suffix.lower() != ".onnx":
         try:
-            _, weights = _reader(path)
+            _, weights = reader_for(path)
         except CheckpointError:
             weights = None  # read_checkpoint below says what is wrong with it
-        cached = _int8_file(_sha256(weights), teacher) if weights is not None else None
+        cached = _int8_file(sha256_file(weights), teacher) if weights is not None else None
         if cached is not None and cached.is_file():
-            return model_from_checkpoint(read_checkpoint(cached, allow_onnx=True), device)
+            return onnx_model(read_checkpoint(cached, allow_onnx=True), device)
     return int8_model(read_checkpoint(path, teacher, allow_onnx=True), device)
 
 

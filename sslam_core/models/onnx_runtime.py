@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslam_core.models.checkpoints import Checkpoint, CheckpointError, _parse_metadata
+from sslam_core.models.checkpoint import Checkpoint, CheckpointError, parse_metadata
 from sslam_core.models.transformer import Classifier, ModelConfig
 
 EXTRA_HINT = "install sslam[onnx] (pip install 'sslam[onnx]', or pip install onnx onnxruntime onnxscript)"
@@ -70,7 +70,7 @@ def read_onnx(path: Path, teacher: bool = False) -> Checkpoint:
         raise CheckpointError(f"{path}: invalid 'sslam' metadata ({e})") from None
     if onnx_meta["kind"] not in KINDS:
         raise CheckpointError(f"{path}: unknown export kind {onnx_meta['kind']!r}")
-    labels, norm, extra = _parse_metadata(meta, str(path))
+    labels, norm, extra = parse_metadata(meta, str(path))
     extra = {**extra, "onnx": {**onnx_meta, **{k: meta.get(k) for k in ("source", "source_sha256")}}}
     return Checkpoint(config, {}, labels=labels, normalization=norm, extra=extra, layout="onnx")
 

@@ -51,3 +51,17 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave the first SIGINT / SIGTERM / SIGUSR1 to the main process, which saves
+    and stops at a step boundary (Ctrl-C and schedulers signal the whole process group); a second one
+    of a kind has its default effect, so the loader's own terminate() at shut-down still works."""
+    import signal
+
+    def once(signum, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), once)

@@ -18,6 +18,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class OutputError(OSError):
@@ -136,3 +137,35 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """`atomic_write` of a binary file."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+class _RecordingFile:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a RuntimeError
+    without the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: Any, path: str) -> None:
+    """`torch.save` to `path` such that a write error surfaces as its OSError (for `atomic_write`)."""
+    import torch  # here, so that importing this module stays cheap
+
+    with open(path, "wb") as f:
+        writer = _RecordingFile(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise

@@ -32,7 +32,9 @@ from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, samp
 from sslam_core.data.datasets import Example, LabelledSet
 from sslam_core.data.training_clips import AudioBatches, WaveformDataset, shard_indices
 from sslam_core.evaluation.metrics import multiclass_report, multilabel_report
-from sslam_core.models.checkpoints import Checkpoint, read_checkpoint, save_checkpoint
+from sslam_core.models.checkpoint import Checkpoint
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import Classifier, ModelConfig
 from sslam_core.training.trainer import TrainConfig, train
 

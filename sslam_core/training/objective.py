@@ -199,7 +199,7 @@ class PretrainingModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: ObjectiveConfig | None = None) -> PretrainingModel:
         """Resume pre-training from a checkpoint (official fairseq, HF or ours) via `read_checkpoint`."""
-        from sslam_core.models.checkpoints import read_checkpoint
+        from sslam_core.models.loading import read_checkpoint
 
         ckpt = read_checkpoint(path)
         model_cfg = replace(ckpt.config, num_classes=0)

@@ -252,7 +252,7 @@ def build_model(s: PretrainSettings, model_config: dict | None = None) -> Pretra
 
     model_config: a saved run's architecture (resume), which wins over both.
     """
-    from sslam_core.models.checkpoints import read_checkpoint
+    from sslam_core.models.loading import read_checkpoint
 
     cfg = objective_config(s)
     torch.manual_seed(s.seed)  # identical initial weights on every rank
@@ -331,7 +331,7 @@ class PretrainTask:
     def export(self, path: str | os.PathLike) -> None:
         """Our checkpoint format with the EMA teacher and the decoder, loadable by every command."""
         from sslam_core.audio.frontend import NORMALIZATION
-        from sslam_core.models.checkpoints import save_checkpoint
+        from sslam_core.models.layouts.native import save_checkpoint
 
         m = self.model
         norm = self.settings.norm if self.settings is not None else "audioset"

@@ -43,10 +43,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sslam_core.models.checkpoints import torch_save
 from sslam_core.runs import distributed
 from sslam_core.runs.interrupts import StopRequest
-from sslam_core.runs.outputs import OutputError, atomic_write, output_error, write_text
+from sslam_core.runs.outputs import OutputError, atomic_write, output_error, torch_save, write_text
 from sslam_core.training.optim import build_optimizer, cosine_schedule, set_lr
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
