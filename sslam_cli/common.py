@@ -165,7 +165,7 @@ def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
     AudioSet's. Anything else is one error line, before any work is done."""
     import math
 
-    from sslam_core.audio.frontend import NORMALIZATION
+    from sslam_core.audio.constants import NORMALIZATION
 
     presets = ", ".join(NORMALIZATION)
     if norm is None:

@@ -27,6 +27,7 @@ from sslam_cli.common import (
     warn,
 )
 from sslam_cli.tag import event_options, events_hop, token_scores_or_fail
+from sslam_core.audio.constants import frames_to_seconds
 
 
 def evaluate_strong(
@@ -123,7 +124,7 @@ def evaluate_strong(
         fail(str(e))
     summary.update(
         strong=str(strong), n_skipped=len(skipped), n_missing=len(dataset.missing),
-        frame_scores=detection["frame_scores"], window=length / 100, hop=hop / 100,
+        frame_scores=detection["frame_scores"], window=frames_to_seconds(length), hop=frames_to_seconds(hop),
     )  # fmt: skip
     if fmt == "json":
         typer.echo(json.dumps(summary))

@@ -29,6 +29,7 @@ from sslam_cli.common import (
     pick_device,
     warn,
 )
+from sslam_core.audio.constants import frames_to_seconds
 
 
 def extract(
@@ -137,8 +138,8 @@ def extract(
         "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
         "sample_rate": 16000,
         "target_length": target_length,
-        "window": target_length / 100.0,
-        "hop": hop_frames / 100.0,
+        "window": frames_to_seconds(target_length),
+        "hop": frames_to_seconds(hop_frames),
         "layer": layer if layer is not None else -1,
         "granularity": granularity,
         "frame_hop": frame_hop or 0.16,

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sslam_core.audio import constants
 from sslam_core.inference.embeddings import embed
 from sslam_core.models.factory import load_model as _load
 from sslam_core.models.hub import DEFAULT_ENCODER
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = constants.SAMPLE_RATE  # the HEAR API reads the model's rate here
 
 
 def load_model(

@@ -156,12 +156,8 @@ def test_per_class_thresholds(tmp_path):
 def test_token_steps_keep_the_clip_scores_and_cover_every_step():
     import torch
 
-    from sslam_core.inference.events import (
-        STEP_SECONDS,
-        check_token_scores,
-        result_step_scores,
-        tag_token_steps,
-    )
+    from sslam_core.audio.constants import STEP_SECONDS
+    from sslam_core.inference.events import check_token_scores, result_step_scores, tag_token_steps
     from sslam_core.inference.tagging import tag
     from sslam_core.models.transformer import ModelConfig, build_model
 

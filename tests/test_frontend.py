@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslam_core.audio.frontend import (
-    NORMALIZATION,
-    fbank,
-    log_mel,
-    normalize,
-    num_frames,
-    pad_or_crop,
-    prepare_input,
-)
+from sslam_core.audio.constants import NORMALIZATION
+from sslam_core.audio.frontend import fbank, log_mel, normalize, num_frames, pad_or_crop, prepare_input
 from sslam_core.audio.resample import resample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frontend"

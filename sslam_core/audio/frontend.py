@@ -14,25 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslam_core.audio.constants import FRAME_SAMPLES, HOP_SAMPLES, N_FFT, N_MELS, NORMALIZATION, SAMPLE_RATE
 from sslam_core.audio.resample import resample
 
-SAMPLE_RATE = 16000
-WINDOW = 400  # 25 ms
-HOP = 160  # 10 ms
-N_FFT = 512  # next power of two above the window
-N_MELS = 128
 LOW_HZ = 20.0
 PREEMPHASIS = 0.97
 EPS = torch.finfo(torch.float32).eps
 CPU_BLOCK_FRAMES = 512
 DEVICE_BLOCK_FRAMES = 1 << 20
-
-NORMALIZATION: dict[str, tuple[float, float]] = {
-    "audioset": (-4.268, 4.569),
-    "esc50": (-6.627, 5.359),
-    "spc2": (-6.846, 5.565),
-    "spass": (-5.275, 3.268),
-}
 
 Waves = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
@@ -63,14 +52,14 @@ def _kaldi_mel_matrix() -> torch.Tensor:
 def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mel matrix, symmetric Hann window and log floor, cached per device and dtype."""
     mel = _kaldi_mel_matrix().to(device=device, dtype=dtype)
-    window = torch.hann_window(WINDOW, periodic=False, device=device, dtype=dtype)
+    window = torch.hann_window(FRAME_SAMPLES, periodic=False, device=device, dtype=dtype)
     eps = torch.tensor(EPS, device=device, dtype=dtype)
     return mel, window, eps
 
 
 def num_frames(num_samples: int) -> int:
     """Frames Kaldi's snip_edges framing yields: 1 + (n - 400) // 160, or 0 below one window."""
-    return 0 if num_samples < WINDOW else 1 + (num_samples - WINDOW) // HOP
+    return 0 if num_samples < FRAME_SAMPLES else 1 + (num_samples - FRAME_SAMPLES) // HOP_SAMPLES
 
 
 def _as_batch(waves: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -111,7 +100,7 @@ def fbank(waves: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> t
         return out
     mel, window, eps = _constants(x.device, x.dtype)
     x = x.contiguous()
-    strided = x.as_strided((batch, frames, WINDOW), (x.stride(0), HOP, 1))
+    strided = x.as_strided((batch, frames, FRAME_SAMPLES), (x.stride(0), HOP_SAMPLES, 1))
     # Work in blocks of frames: on CPU small blocks stay in cache, elsewhere they bound peak memory.
     step = CPU_BLOCK_FRAMES if x.device.type == "cpu" else DEVICE_BLOCK_FRAMES
     if frames >= step:
@@ -124,7 +113,11 @@ def fbank(waves: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> t
         for start in range(0, batch, clips):
             chunk = strided[start : start + clips]
             _log_mel_frames(
-                chunk.reshape(-1, WINDOW), mel, window, eps, out[start : start + clips].view(-1, N_MELS)
+                chunk.reshape(-1, FRAME_SAMPLES),
+                mel,
+                window,
+                eps,
+                out[start : start + clips].view(-1, N_MELS),
             )
     return out
 
@@ -176,7 +169,7 @@ def prepare_input(
     if sample_rate != SAMPLE_RATE:
         items = [resample(w, sample_rate, SAMPLE_RATE) for w in items]
     # Only the first target_length frames survive the crop; later samples never reach a kept frame.
-    keep = (target_length - 1) * HOP + WINDOW
+    keep = (target_length - 1) * HOP_SAMPLES + FRAME_SAMPLES
     items = [(w - w.mean())[:keep] for w in items]
     longest = max(w.shape[0] for w in items)
     if all(w.shape[0] == longest for w in items):

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sslam_core.audio.constants import FRAME_SAMPLES, HOP_SAMPLES, N_MELS, SAMPLE_RATE
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.files import AudioError
-from sslam_core.audio.frontend import HOP, N_MELS, SAMPLE_RATE, WINDOW, fbank, num_frames
+from sslam_core.audio.frontend import fbank, num_frames
 
 
 @dataclass
@@ -43,9 +44,11 @@ def _decode(path: str, target_length: int | None) -> torch.Tensor:
     wave = load_audio(path, SAMPLE_RATE)
     wave = wave - wave.mean()
     if target_length is not None:
-        wave = wave[: (target_length - 1) * HOP + WINDOW]
+        wave = wave[: (target_length - 1) * HOP_SAMPLES + FRAME_SAMPLES]
     if num_frames(wave.shape[0]) == 0:
-        raise AudioError(path, f"too short ({wave.shape[0]} samples at 16 kHz, the minimum is {WINDOW})")
+        raise AudioError(
+            path, f"too short ({wave.shape[0]} samples at 16 kHz, the minimum is {FRAME_SAMPLES})"
+        )
     return wave
 
 

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sslam_core.audio.constants import SAMPLE_RATE
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.files import AudioError
-
-SAMPLE_RATE = 16000
 
 PACKED_FORMAT = "sslam-packed"
 

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sslam_core.audio.constants import FRAME_SAMPLES, HOP_SAMPLES, SAMPLE_RATE
 from sslam_core.audio.decode import load_audio, resolve_input
 from sslam_core.audio.files import AudioError, AudioFile, AudioSource
 from sslam_core.data.packing import is_packed, read_index, read_offsets
 from sslam_core.runs.interrupts import ignore_stop_signals
 
-SAMPLE_RATE = 16000
-WINDOW, HOP = 400, 160
 MAX_SUBSTITUTES = 16
 
 
@@ -39,7 +38,7 @@ class UnreadableAudioWarning(UserWarning):
 
 def crop_samples(target_length: int) -> int:
     """Samples that make exactly `target_length` fbank frames (25 ms window, 10 ms hop)."""
-    return WINDOW + (target_length - 1) * HOP
+    return FRAME_SAMPLES + (target_length - 1) * HOP_SAMPLES
 
 
 def crop_start(length: int, wanted: int, seed: int, index: int, random_crop: bool = True) -> int:
@@ -333,7 +332,6 @@ class AudioBatches:
 
 
 __all__ = [
-    "SAMPLE_RATE",
     "UnreadableAudioWarning",
     "crop_samples",
     "crop_start",

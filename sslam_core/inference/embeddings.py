@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sslam_core.audio.constants import FRAMES_PER_SECOND, PATCH_FRAMES
 from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
-from sslam_core.inference.pipeline import PATCH_FRAMES, FileResult, Shifted, Source, feature_head, run_windows
+from sslam_core.inference.pipeline import FileResult, Shifted, Source, feature_head, run_windows
 from sslam_core.runs import distributed
 from sslam_core.runs.feature_store import FeatureStore, Record
 
@@ -27,8 +28,10 @@ def frame_shifts(frame_hop: float | None) -> list[int]:
     later. Each pass costs one more run of the model over the file."""
     if frame_hop is None:
         return [0]
-    passes = round(PATCH_FRAMES / 100 / frame_hop)
-    if passes not in (1, 2, 4, 8, 16) or not math.isclose(passes * frame_hop, PATCH_FRAMES / 100):
+    passes = round(PATCH_FRAMES / FRAMES_PER_SECOND / frame_hop)
+    if passes not in (1, 2, 4, 8, 16) or not math.isclose(
+        passes * frame_hop, PATCH_FRAMES / FRAMES_PER_SECOND
+    ):
         raise ValueError(f"frame hop {frame_hop} s: choose one of {', '.join(map(str, FRAME_HOPS))}")
     return [k * PATCH_FRAMES // passes for k in range(passes)]
 
@@ -65,7 +68,7 @@ def merge_shifted(records: list[Record], shifts: list[int]) -> Record:
     frames, times = [base.frame], [base.frame_times]
     for rec, k in zip(records[1:], shifts[1:], strict=True):
         if rec.error is None and rec.frame is not None:
-            t = rec.frame_times + k / 100.0
+            t = rec.frame_times + k / FRAMES_PER_SECOND
             kept = t < base.duration
             frames.append(rec.frame[kept])
             times.append(t[kept])
@@ -103,7 +106,7 @@ def to_record(res: FileResult, name: str, window: int, hop: int, keep: tuple[str
             n = math.ceil((res.frames - start) / PATCH_FRAMES) if last else min(hop, window) // PATCH_FRAMES
             n = max(1, min(n, window // PATCH_FRAMES))
             steps.append(vecs[:n])
-            times.append((start + PATCH_FRAMES * np.arange(n)) / 100.0)
+            times.append((start + PATCH_FRAMES * np.arange(n)) / FRAMES_PER_SECOND)
         rec.frame = torch.cat(steps).numpy()
         rec.frame_times = np.concatenate(times)
     return rec

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sslam_core.audio.constants import FRAMES_PER_SECOND, STEP_SECONDS
 from sslam_core.inference.tagging import TagResult
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
-
-STEP_SECONDS = 0.16  # one time patch: the finest step at which windows can start
 
 
 @dataclass(frozen=True)
@@ -153,11 +152,11 @@ def tag_token_steps(
             yield StepTagResult(res.path, error=res.error)
             continue
         windows, steps = res.stacked("scores").numpy(), res.stacked("steps").numpy()
-        segments = [(a / 100.0, min((a + target_length) / 100.0, res.duration), s)
+        segments = [(a / FRAMES_PER_SECOND, min((a + target_length) / FRAMES_PER_SECOND, res.duration), s)
                     for a, s in zip(res.starts, windows, strict=True)]  # fmt: skip
         tokens = []
         for a, row in zip(res.starts, steps, strict=True):
-            times = a / 100.0 + np.arange(len(row)) * STEP_SECONDS
+            times = a / FRAMES_PER_SECOND + np.arange(len(row)) * STEP_SECONDS
             tokens += [(t, min(t + STEP_SECONDS, res.duration), s)
                        for t, s in zip(times, row, strict=True) if t < res.duration]  # fmt: skip
         yield StepTagResult(res.path, res.duration, windows.max(axis=0), segments, steps=tokens)

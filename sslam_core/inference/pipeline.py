@@ -20,6 +20,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sslam_core.audio.constants import (
+    DEFAULT_TARGET_LENGTH,
+    FRAME_SAMPLES,
+    FRAMES_PER_SECOND,
+    HOP_SAMPLES,
+    PATCH_FRAMES,
+    SAMPLE_RATE,
+    frames_to_seconds,
+)
 from sslam_core.audio.decode import audio_info, stream_audio
 from sslam_core.audio.files import AudioError, AudioFile, AudioSource
 from sslam_core.audio.frontend import prepare_input
@@ -27,11 +36,6 @@ from sslam_core.audio.resample import resample
 from sslam_core.inference.workers import TaskFailed, ordered_map
 from sslam_core.models.precision import strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
-
-SAMPLE_RATE = 16000
-HOP_SAMPLES = 160  # 10 ms frame shift
-FRAME_SAMPLES = 400  # 25 ms frame
-PATCH_FRAMES = 16  # one time patch = 160 ms
 
 
 def window_samples(frames: int) -> int:
@@ -55,13 +59,10 @@ def num_windows(frames: int, window: int, hop: int) -> int:
 
 def seconds_to_frames(seconds: float, multiple: int = PATCH_FRAMES) -> int:
     """Seconds -> fbank frames, rounded to a whole number of time patches."""
-    frames = round(seconds * 100 / multiple) * multiple
+    frames = round(seconds * FRAMES_PER_SECOND / multiple) * multiple
     if frames <= 0:
         raise ValueError(f"{seconds} s is shorter than one {multiple * 10} ms patch")
     return frames
-
-
-DEFAULT_TARGET_LENGTH = 1024  # 10.24 s, the AudioSet models' input
 
 
 def resolve_window(
@@ -70,8 +71,10 @@ def resolve_window(
     """(window, hop) in frames: `target_length` frames, else `window` seconds, else the length the
     model was trained with, else 1024; the hop defaults to the window."""
     for name, value in (("--window", window), ("--hop", hop)):
-        if value is not None and not (math.isfinite(value) and value >= PATCH_FRAMES / 100):
-            raise ValueError(f"{name} {value}: expected at least {PATCH_FRAMES / 100} s (one time patch)")
+        if value is not None and not (math.isfinite(value) and value >= PATCH_FRAMES / FRAMES_PER_SECOND):
+            raise ValueError(
+                f"{name} {value}: expected at least {PATCH_FRAMES / FRAMES_PER_SECOND} s (one time patch)"
+            )
     if target_length is not None and (target_length <= 0 or target_length % PATCH_FRAMES):
         raise ValueError(f"--target-length {target_length}: expected a positive multiple of {PATCH_FRAMES}")
     frames = target_length or (seconds_to_frames(window) if window else None)
@@ -81,8 +84,8 @@ def resolve_window(
     limit = max_frames(model)
     if limit is not None and frames > limit:
         raise ValueError(
-            f"a window of {frames} frames ({frames / 100:.2f} s) is longer than this model's position table "
-            f"holds ({limit} frames, {limit / 100:.2f} s)"
+            f"a window of {frames} frames ({frames_to_seconds(frames):.2f} s) is longer than this model's "
+            f"position table holds ({limit} frames, {frames_to_seconds(limit):.2f} s)"
         )
     return frames, seconds_to_frames(hop) if hop else frames
 
@@ -102,8 +105,8 @@ def window_warning(model: nn.Module, frames: int) -> str | None:
     trained = getattr(model, "target_length", None) or DEFAULT_TARGET_LENGTH
     if frames > trained:
         return (
-            f"note: windows of {frames / 100:.2f} s are longer than the {trained / 100:.2f} s this model was "
-            "trained on; its outputs on them are untested"
+            f"note: windows of {frames_to_seconds(frames):.2f} s are longer than the "
+            f"{frames_to_seconds(trained):.2f} s this model was trained on; its outputs on them are untested"
         )
     return None
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sslam_core.audio.constants import FRAMES_PER_SECOND
 from sslam_core.inference.pipeline import Source, logits_head, run_windows
 from sslam_core.models.transformer import Classifier
 
@@ -52,7 +53,7 @@ def tag(
             continue
         per_window = res.stacked("scores").numpy()
         segments = [
-            (start / 100.0, min((start + target_length) / 100.0, res.duration), s)
+            (start / FRAMES_PER_SECOND, min((start + target_length) / FRAMES_PER_SECOND, res.duration), s)
             for start, s in zip(res.starts, per_window, strict=True)
         ]
         yield TagResult(res.path, res.duration, per_window.max(axis=0), segments)

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.labels import AUDIOSET_CLASSES, audioset_labels, labels_from_mids
 from sslam_core.models.transformer import ModelConfig, build_model
 from sslam_core.runs.outputs import atomic_write
 
 FORMAT_VERSION = 1
-AUDIOSET_NORM = (-4.268, 4.569)
+AUDIOSET_NORM = NORMALIZATION["audioset"]  # what a file without a recorded normalisation gets
 
 HEAD = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslam_core.audio.frontend import NORMALIZATION
+from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
 from sslam_core.data.datasets import Example, LabelledSet
 from sslam_core.data.training_clips import AudioBatches, WaveformDataset, shard_indices

@@ -330,7 +330,7 @@ class PretrainTask:
 
     def export(self, path: str | os.PathLike) -> None:
         """Our checkpoint format with the EMA teacher and the decoder, loadable by every command."""
-        from sslam_core.audio.frontend import NORMALIZATION
+        from sslam_core.audio.constants import NORMALIZATION
         from sslam_core.models.layouts.native import save_checkpoint
 
         m = self.model

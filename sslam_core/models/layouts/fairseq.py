@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.models import safe_pickle
 from sslam_core.models.checkpoint import (
     AUDIOSET_NORM,
@@ -27,7 +28,7 @@ from sslam_core.models.checkpoint import (
     with_metadata,
 )
 
-TASK_NORMS = {"esc50_eval": (-6.627, 5.359), "spcv2_eval": (-6.846, 5.565)}
+TASK_NORMS = {"esc50_eval": NORMALIZATION["esc50"], "spcv2_eval": NORMALIZATION["spc2"]}  # fairseq task flags
 
 IMAGE_PREFIX = "modality_encoders.IMAGE."
 
