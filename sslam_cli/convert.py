@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslam_cli.common import claim_or_fail, fail
+from sslam_cli.options import claim_or_fail, fail
 
 
 def infer_layout(dst: str) -> str | None:
@@ -45,7 +45,6 @@ def convert(
 ) -> None:
     """Convert a checkpoint between the fairseq, Hugging Face and sslam layouts, keeping its labels,
     normalisation and training metadata."""
-    from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.models.loading import LAYOUTS, read_checkpoint, write_checkpoint
 
     layout = to or infer_layout(dst)
@@ -57,6 +56,6 @@ def convert(
     try:
         ckpt = read_checkpoint(src, teacher=teacher)
         out = write_checkpoint(ckpt, dst, layout)
-    except (CheckpointError, OSError) as e:  # OSError includes outputs.OutputError
+    except OSError as e:  # not an OutputError (those are SslamErrors): a bare OS error of the writer
         fail(str(e))
     typer.echo(f"wrote {out} ({layout}, {ckpt.config.depth} blocks, dim {ckpt.config.embed_dim})")

@@ -6,17 +6,25 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 from tqdm import tqdm
 
-from sslam_cli.common import (
+from sslam_cli.options import (
     EXIT_OK,
+    EXIT_SKIPPED,
     BatchSize,
     Device,
+    EventThreshold,
+    FrameScores,
     Hop,
+    Median,
+    MinDuration,
+    MinGap,
     Norm,
+    OffThreshold,
     Precision,
     Window,
     Workers,
@@ -25,11 +33,14 @@ from sslam_cli.common import (
     check_precision,
     claim_or_fail,
     err_console,
+    event_options,
+    events_hop,
     exit_status,
     fail,
     frames_or_fail,
     interrupted,
     join_ranks,
+    load_model_or_fail,
     note,
     parse_folds,
     parse_norm,
@@ -37,76 +48,100 @@ from sslam_cli.common import (
     pipeline_options,
     rank_in_run,
     render,
+    token_scores_or_fail,
     warn,
 )
-from sslam_cli.tag import EventThreshold, FrameScores, Median, MinDuration, MinGap, OffThreshold
+from sslam_core.audio.constants import frames_to_seconds
 
 
 def evaluate(
-    checkpoint: str = typer.Option(
-        None, "--checkpoint", "-c", help="Fine-tuned checkpoint or fine-tuning run folder."
-    ),
-    data: str = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="Test set: folder with labels.csv, ESC-50 folder, AudioSet segments csv, manifest .tsv/.lbl "
-        "or DCASE strong labels.",
-    ),
-    audio_dir: Path = typer.Option(
-        None, "--audio-dir", help="Where the audio lives, if not beside the labels."
-    ),
-    folds: str = typer.Option(None, "--folds", help="Keep only these folds, e.g. 5 or 4,5 (ESC-50)."),
-    multilabel: bool = typer.Option(
-        None,
-        "--multilabel/--multiclass",
-        help="Force the task kind [default: the checkpoint's, else guessed from the labels].",
-    ),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json (one object)."),
-    per_class_out: Path = typer.Option(
-        None, "--per-class", help="Write per-class name, mid, positives, AP, AUC (worst first) to this CSV."
-    ),
-    by_polyphony: bool = typer.Option(
-        False, "--by-polyphony", help="Also report mAP of clips grouped by number of labels."
-    ),
-    predictions_out: Path = typer.Option(
-        None, "--predictions-out", help="Save scores and targets (.npz or .h5) to re-score later."
-    ),
-    predictions: Path = typer.Option(
-        None, "--predictions", help="Re-score a saved predictions file instead of running a model."
-    ),
-    plot: Path = typer.Option(None, "--plot", help="PNG of per-class AP (needs matplotlib)."),
-    missing_out: Path = typer.Option(
-        None, "--missing-out", help="Write the ids of the clips listed but without audio, one per line."
-    ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Replace existing --predictions-out / --per-class / --plot / --missing-out files.",
-    ),
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", "-c", help="Fine-tuned checkpoint or fine-tuning run folder.")
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Test set: folder with labels.csv, ESC-50 folder, AudioSet segments csv, manifest .tsv/.lbl "
+            "or DCASE strong labels.",
+        ),
+    ] = None,
+    audio_dir: Annotated[
+        Path, typer.Option("--audio-dir", help="Where the audio lives, if not beside the labels.")
+    ] = None,
+    folds: Annotated[
+        str, typer.Option("--folds", help="Keep only these folds, e.g. 5 or 4,5 (ESC-50).")
+    ] = None,
+    multilabel: Annotated[
+        bool,
+        typer.Option(
+            "--multilabel/--multiclass",
+            help="Force the task kind [default: the checkpoint's, else guessed from the labels].",
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json (one object).")] = "table",
+    per_class_out: Annotated[
+        Path,
+        typer.Option(
+            "--per-class", help="Write per-class name, mid, positives, AP, AUC (worst first) to this CSV."
+        ),
+    ] = None,
+    by_polyphony: Annotated[
+        bool, typer.Option("--by-polyphony", help="Also report mAP of clips grouped by number of labels.")
+    ] = False,
+    predictions_out: Annotated[
+        Path,
+        typer.Option("--predictions-out", help="Save scores and targets (.npz or .h5) to re-score later."),
+    ] = None,
+    predictions: Annotated[
+        Path,
+        typer.Option("--predictions", help="Re-score a saved predictions file instead of running a model."),
+    ] = None,
+    plot: Annotated[Path, typer.Option("--plot", help="PNG of per-class AP (needs matplotlib).")] = None,
+    missing_out: Annotated[
+        Path,
+        typer.Option(
+            "--missing-out", help="Write the ids of the clips listed but without audio, one per line."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace existing --predictions-out / --per-class / --plot / --missing-out files.",
+        ),
+    ] = False,
     window: Window = None,
     hop: Hop = None,
-    target_length: int = typer.Option(
-        None, "--target-length", help="Window length in fbank frames (overrides --window)."
-    ),
+    target_length: Annotated[
+        int, typer.Option("--target-length", help="Window length in fbank frames (overrides --window).")
+    ] = None,
     norm: Norm = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
-    strong: Path = typer.Option(
-        None,
-        "--strong",
-        help="DCASE strong labels (filename, onset, offset, event_label): score the events of `tag "
-        "--events` (event- and segment-based F1, PSDS) instead of clip tags; needs sslam[sed].",
-    ),
-    collar: float = typer.Option(0.2, "--collar", help="--strong: onset collar and least offset collar (s)."),
-    offset_collar_rate: float = typer.Option(
-        0.2, "--offset-collar-rate", help="--strong: offset collar as a share of the reference's length."
-    ),
-    segment_length: float = typer.Option(
-        1.0, "--segment-length", help="--strong: segment length (s) of the segment-based F1."
-    ),
+    strong: Annotated[
+        Path,
+        typer.Option(
+            "--strong",
+            help="DCASE strong labels (filename, onset, offset, event_label): score the events of `tag "
+            "--events` (event- and segment-based F1, PSDS) instead of clip tags; needs sslam[sed].",
+        ),
+    ] = None,
+    collar: Annotated[
+        float, typer.Option("--collar", help="--strong: onset collar and least offset collar (s).")
+    ] = 0.2,
+    offset_collar_rate: Annotated[
+        float,
+        typer.Option(
+            "--offset-collar-rate", help="--strong: offset collar as a share of the reference's length."
+        ),
+    ] = 0.2,
+    segment_length: Annotated[
+        float, typer.Option("--segment-length", help="--strong: segment length (s) of the segment-based F1.")
+    ] = 1.0,
     event_threshold: EventThreshold = "0.5",
     off_threshold: OffThreshold = None,
     median: Median = 0.48,
@@ -117,11 +152,9 @@ def evaluate(
     """Evaluate: mAP, d' and AUC (multi-label) or accuracy and top-k accuracy (multi-class), with the
     windowing of `sslam tag` (a clip's score is the maximum over its windows); with --strong, sound
     events against strong labels."""
-    from sslam_core.evaluation.classification import EvaluationError, Predictions, per_class, summarize
+    from sslam_core.evaluation.classification import Predictions, per_class, summarize
 
     if strong is not None:
-        from sslam_cli.evaluate_strong import evaluate_strong
-
         others = {"--data": data, "--predictions": predictions, "--predictions-out": predictions_out,
                   "--per-class": per_class_out, "--plot": plot, "--missing-out": missing_out,
                   "--folds": folds, "--by-polyphony": by_polyphony or None}  # fmt: skip
@@ -130,7 +163,7 @@ def evaluate(
             fail(f"--strong evaluates events on its own files; leave out {', '.join(given)}")
         _check_options(fmt, {"predictions": None, "plot": None}, window, hop, target_length, norm,
                        batch_size, workers)  # fmt: skip
-        evaluate_strong(
+        _evaluate_strong(
             checkpoint, strong, audio_dir, fmt,
             {"collar": collar, "offset_collar_rate": offset_collar_rate, "segment_length": segment_length},
             {"threshold": event_threshold, "off": off_threshold, "median": median,
@@ -158,20 +191,14 @@ def evaluate(
         if path is not None:
             claim_or_fail(path, overwrite)
     if predictions is not None:
-        try:
-            pred = Predictions.load(predictions)
-        except EvaluationError as e:
-            fail(str(e))
+        pred = Predictions.load(predictions)
         if multilabel is not None:
             pred.multilabel = multilabel
     else:
         frames = {"window": window, "hop": hop, "target_length": target_length}
         run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
         pred = _run_model(checkpoint, data, audio_dir, wanted_folds, multilabel, norm, frames, run)
-    try:
-        summary = summarize(pred, by_polyphony=by_polyphony)
-    except EvaluationError as e:
-        fail(str(e))
+    summary = summarize(pred, by_polyphony=by_polyphony)
     rows = per_class(pred)
     _write_reports(pred, rows, summary, outputs, title=str(predictions or data))
     if fmt == "json":
@@ -209,10 +236,7 @@ def _check_options(
         fail(f"--batch-size {batch_size}: expected a positive number of windows")
     if workers is not None and workers < 0:
         fail(f"--workers {workers}: expected 0 or more decoding processes")
-    try:
-        resolve_window(None, window, hop, target_length)  # the arguments alone; the model's limits later
-    except ValueError as e:
-        fail(str(e))
+    resolve_window(None, window, hop, target_length)  # the arguments alone; the model's limits later
     if norm is not None:
         parse_norm(norm)
     if outputs["plot"] is not None:
@@ -234,25 +258,22 @@ def _check_distinct(outputs: dict[str, Path | None], inputs: list) -> None:
 def _write_reports(pred, rows: list[dict], summary: dict, outputs: dict[str, Path | None], title: str):
     """Write the requested report files atomically; a failure is one line naming the file, exit 2."""
     from sslam_core.evaluation.classification import headline, per_class_csv
-    from sslam_core.runs.outputs import OutputError, write_text
+    from sslam_core.runs.outputs import write_text
 
-    try:
-        if outputs["predictions"] is not None:
-            pred.save(outputs["predictions"])
-        if outputs["per_class"] is not None:
-            write_text(outputs["per_class"], per_class_csv(rows))
-        if outputs["missing"] is not None:
-            write_text(outputs["missing"], "".join(f"{clip}\n" for clip in pred.missing))
-        if outputs["plot"] is not None:
-            from sslam_core.evaluation.plots import plot_class_ap
+    if outputs["predictions"] is not None:
+        pred.save(outputs["predictions"])
+    if outputs["per_class"] is not None:
+        write_text(outputs["per_class"], per_class_csv(rows))
+    if outputs["missing"] is not None:
+        write_text(outputs["missing"], "".join(f"{clip}\n" for clip in pred.missing))
+    if outputs["plot"] is not None:
+        from sslam_core.evaluation.plots import plot_class_ap
 
-            name, value = headline(summary)
-            try:
-                plot_class_ap(rows, outputs["plot"], title=title, metric_name=name, metric_value=value)
-            except ValueError as e:
-                fail(f"--plot: {e}")
-    except OutputError as e:
-        fail(str(e))
+        name, value = headline(summary)
+        try:
+            plot_class_ap(rows, outputs["plot"], title=title, metric_name=name, metric_value=value)
+        except ValueError as e:
+            fail(f"--plot: {e}")
 
 
 def _run_model(
@@ -286,9 +307,7 @@ def _predict(
 ):
     """`_run_model` inside its StopRequest `stop`, checked after the set-up and after every file."""
     from sslam_core.data.datasets import read_labelled
-    from sslam_core.data.label_formats import DatasetError
-    from sslam_core.evaluation.classification import EvaluationError, class_columns, predict
-    from sslam_core.models.checkpoint import CheckpointError
+    from sslam_core.evaluation.classification import class_columns, predict
     from sslam_core.models.factory import model_from_checkpoint
     from sslam_core.models.loading import read_checkpoint
     from sslam_core.models.transformer import Classifier
@@ -296,20 +315,14 @@ def _predict(
 
     dev = join_ranks(pick_device(run["device"]))
     run["precision"] = check_precision(run["precision"], dev, int8=True)
-    try:
-        ckpt = read_checkpoint(checkpoint, allow_onnx=True)
-        model = model_from_checkpoint(ckpt, dev, run["precision"])
-    except CheckpointError as e:
-        fail(str(e))
+    ckpt = read_checkpoint(checkpoint, allow_onnx=True)
+    model = model_from_checkpoint(ckpt, dev, run["precision"])
     if not isinstance(model, Classifier):
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
         multilabel = ckpt.extra["multilabel"]
     length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
-    try:
-        dataset = read_labelled(data, audio_dir=audio_dir, folds=folds, multilabel=multilabel)
-    except DatasetError as e:
-        fail(str(e))
+    dataset = read_labelled(data, audio_dir=audio_dir, folds=folds, multilabel=multilabel)
     if dataset.missing:
         naming = f" (audio named {dataset.naming})" if dataset.naming else ""
         note(f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}{naming}")
@@ -317,10 +330,7 @@ def _predict(
         fail(f"{data}: no clips to evaluate")
     if not model.labels or len(model.labels) != model.cfg.num_classes:
         fail(f"{checkpoint}: the model has {model.cfg.num_classes} classes but no class names to match")
-    try:
-        class_columns(model.labels, dataset, checkpoint)
-    except EvaluationError as e:
-        fail(str(e))
+    class_columns(model.labels, dataset, checkpoint)
     if stop.requested:
         interrupted(stop, 0, resumable=False)
     quiet = len(dataset) < 2 or rank_in_run() > 0  # under torchrun rank 0 shows its progress
@@ -344,8 +354,6 @@ def _predict(
             stop=lambda: stop.requested,
             **pipeline_options(run, dev, model, norm),
         )
-    except EvaluationError as e:
-        fail(str(e))
     finally:
         bar.close()
     if stop.requested or not pred.complete:
@@ -400,3 +408,135 @@ def _tables(summary: dict, rows: list[dict], source: str) -> list[Table]:
             )
         tables.append(table)
     return tables
+
+
+def _evaluate_strong(
+    checkpoint: str | None,
+    strong: Path,
+    audio_dir: Path | None,
+    fmt: str,
+    metric: dict,
+    detection: dict,
+    frames: dict,
+    run: dict,
+) -> None:
+    """Run the model over the files of `strong` as `tag --events` would, score the events and the step
+    scores (options in `metric`: collar, offset_collar_rate, segment_length), print a table or one
+    JSON object; exits (status 1 when files were skipped)."""
+    from sslam_core.data.datasets import read_labelled
+    from sslam_core.evaluation.classification import class_columns
+    from sslam_core.evaluation.strong import (
+        SedUnavailable,
+        StrongOptions,
+        library,
+        predict_events,
+        read_strong_events,
+        score_predictions,
+    )
+    from sslam_core.models.transformer import Classifier
+    from sslam_core.runs.interrupts import StopRequest
+
+    if checkpoint is None:
+        fail("--strong scores a model's events: pass --checkpoint too")
+    try:
+        library()
+        options = StrongOptions(**metric)
+    except SedUnavailable:
+        raise
+    except ValueError as e:
+        fail(f"--strong: {e}")
+    event_options(**detection, names=())
+    truth = read_strong_events(str(strong))
+    dataset = read_labelled(strong, audio_dir=audio_dir, multilabel=True)
+    dev = pick_device(run["device"])
+    check_precision(run["precision"], dev, int8=True)
+    model = load_model_or_fail(checkpoint, dev, precision=run["precision"])
+    if not isinstance(model, Classifier) or not model.labels:
+        fail(f"{checkpoint}: events need a fine-tuned checkpoint with class names")
+    found = event_options(**detection, names=model.labels)
+    token_scores_or_fail(model, detection["frame_scores"])
+    length, hop = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
+    hop = events_hop(length, detection["frame_scores"]) if frames["hop"] is None else hop
+    kept, cols = class_columns(model.labels, dataset, checkpoint)
+    if dataset.missing:
+        note(f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}")
+    if not dataset.examples:
+        fail(f"{strong}: no clips to evaluate")
+    bar = tqdm(total=len(dataset), unit="clip", disable=len(dataset) < 2, file=err_console.file)
+
+    def progress(error: str | None) -> None:
+        if error is not None:
+            bar.clear()
+            warn(error)
+        bar.update()
+
+    with StopRequest() as stop:
+        predictions, skipped = predict_events(
+            model,
+            [e.path for e in dataset.examples],
+            [e.key for e in dataset.examples],
+            model.labels,
+            found,
+            frame_scores=detection["frame_scores"],
+            target_length=length,
+            hop=hop,
+            progress=progress,
+            stop=lambda: stop.requested,
+            **pipeline_options(run, dev, model, run["norm"]),
+        )
+        bar.close()
+        if stop.requested:
+            interrupted(stop, len(predictions) + len(skipped), resumable=False)
+    if not predictions:
+        fail(f"{strong}: all {len(skipped)} clip(s) were skipped (unreadable); nothing to evaluate")
+    columns = {dataset.classes[i][1]: col for i, col in zip(kept, cols, strict=True)}
+    summary = score_predictions(truth, predictions, model.labels, columns, options)
+    summary.update(
+        strong=str(strong), n_skipped=len(skipped), n_missing=len(dataset.missing),
+        frame_scores=detection["frame_scores"], window=frames_to_seconds(length), hop=frames_to_seconds(hop),
+    )  # fmt: skip
+    if fmt == "json":
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(render(*_strong_tables(summary)), nl=False)
+    if skipped:
+        note(f"evaluated {summary['n_clips']} clip(s), skipped {len(skipped)}")
+        raise typer.Exit(EXIT_SKIPPED)
+    raise typer.Exit(EXIT_OK)
+
+
+def _strong_number(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _strong_tables(summary: dict) -> list[Table]:
+    """The averaged metrics and the per-class table."""
+    ev, seg, psds = summary["event_based"], summary["segment_based"], summary["psds"]
+    table = Table(title=cell(f"strong evaluation: {summary['strong']}"), title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    collars = f"collar {ev['onset_collar']:g} s, offset {ev['offset_collar_rate']:g} x length"
+    table.add_row(f"event-based F1, macro ({collars})", _strong_number(ev["f1_macro"]))
+    table.add_row("event-based F1, micro", _strong_number(ev["f1_micro"]))
+    table.add_row(f"segment-based F1, micro ({seg['segment_length']:g} s)", _strong_number(seg["f1_micro"]))
+    table.add_row("segment-based F1, macro", _strong_number(seg["f1_macro"]))
+    table.add_row(
+        f"PSDS (dtc {psds['dtc_threshold']:g}, gtc {psds['gtc_threshold']:g})", _strong_number(psds["value"])
+    )
+    for name, key in (("clips", "n_clips"), ("reference events", "n_reference_events"),
+                      ("detected events", "n_detected_events"), ("files skipped (unreadable)", "n_skipped"),
+                      ("clips missing (listed, no audio)", "n_missing")):  # fmt: skip
+        table.add_row(name, str(summary[key]))
+    per_class = Table(title="per class", title_justify="left")
+    heads = ("class", "references", "detected", "event F1", "event P", "event R", "segment F1", "PSDS")
+    for name in heads:
+        per_class.add_column(name, justify="left" if name == "class" else "right")
+    scores = ("event_f1", "event_precision", "event_recall", "segment_f1", "psds")
+    for c in summary["classes"]:
+        per_class.add_row(
+            cell(c["label"]),
+            str(c["references"]),
+            str(c["detections"]),
+            *(_strong_number(c[k]) for k in scores),
+        )
+    return [table, per_class]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sslam_cli.common import claim_or_fail, fail
+from sslam_cli.options import claim_or_fail, fail
 
 
 def export(
@@ -42,15 +42,11 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch and length; config, labels and normalisation inside),
     and print how far its outputs are from torch's on a random batch."""
-    from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.models.loading import read_checkpoint
-    from sslam_core.models.onnx_export import EXPORT_MODULES, ExportError, export_checkpoint
-    from sslam_core.models.onnx_runtime import OnnxUnavailable, require
+    from sslam_core.models.onnx_export import EXPORT_MODULES, export_checkpoint
+    from sslam_core.models.onnx_runtime import require
 
-    try:
-        require(*EXPORT_MODULES)
-    except OnnxUnavailable as e:
-        fail(str(e))
+    require(*EXPORT_MODULES)
     if output.suffix.lower() != ".onnx":
         fail(f"{output}: expected an .onnx file")
     claim_or_fail(output, overwrite)
@@ -58,7 +54,7 @@ def export(
         ckpt = read_checkpoint(checkpoint, teacher=teacher)
         result = export_checkpoint(ckpt, layer=layer, target_length=target_length, int8=int8)
         result.write(output)
-    except (CheckpointError, ExportError, OSError) as e:  # OSError includes outputs.OutputError
+    except OSError as e:  # not an OutputError (those are SslamErrors): a bare OS error of the writer
         fail(str(e))
     diffs = ", ".join(f"{name} {value:.2e}" for name, value in result.max_diff.items())
     typer.echo(

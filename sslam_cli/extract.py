@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from tqdm import tqdm
 
-from sslam_cli.common import (
+from sslam_cli.options import (
     BatchSize,
     Device,
     Hop,
@@ -33,59 +34,73 @@ from sslam_core.audio.constants import frames_to_seconds
 
 
 def extract(
-    paths: list[str] = typer.Argument(
-        ..., help="Audio files, folders (searched recursively), or file lists."
-    ),
-    output: Path = typer.Option(..., "--output", "-o", help="HDF5 file to write."),
-    checkpoint: str = typer.Option(
-        None,
-        "--checkpoint",
-        "-c",
-        help="Checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_pretrain]",
-    ),
-    teacher: bool = typer.Option(
-        False, "--teacher", help="Use the EMA teacher weights of a pre-training checkpoint."
-    ),
-    granularity: str = typer.Option("clip", "--granularity", "-g", help="clip, frame, patch or all."),
-    layer: int = typer.Option(
-        None,
-        "--layer",
-        "-l",
-        help="Block whose output to take, from 1; negative from the end [default: last].",
-    ),
-    target_length: int = typer.Option(
-        None,
-        "--target-length",
-        help="Window in frames, a multiple of 16 [default: the model's training length, else 1024].",
-    ),
+    paths: Annotated[
+        list[str], typer.Argument(help="Audio files, folders (searched recursively), or file lists.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")],
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Checkpoint: .pt, folder, .safetensors, run dir or hub id. [default: ta012/SSLAM_pretrain]",
+        ),
+    ] = None,
+    teacher: Annotated[
+        bool, typer.Option("--teacher", help="Use the EMA teacher weights of a pre-training checkpoint.")
+    ] = False,
+    granularity: Annotated[
+        str, typer.Option("--granularity", "-g", help="clip, frame, patch or all.")
+    ] = "clip",
+    layer: Annotated[
+        int,
+        typer.Option(
+            "--layer", "-l", help="Block whose output to take, from 1; negative from the end [default: last]."
+        ),
+    ] = None,
+    target_length: Annotated[
+        int,
+        typer.Option(
+            "--target-length",
+            help="Window in frames, a multiple of 16 [default: the model's training length, else 1024].",
+        ),
+    ] = None,
     hop: Hop = None,
     norm: Norm = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
-    resume: bool = typer.Option(
-        False, "--resume", help="Finish an interrupted run without redoing finished files."
-    ),
-    flush_every: int = typer.Option(
-        256,
-        "--flush-every",
-        min=1,
-        help="Files per journal part: at most this much work is redone after a crash.",
-    ),
-    audio_dir: str = typer.Option(
-        None, "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
-    ),
-    frame_hop: float = typer.Option(
-        None,
-        "--frame-hop",
-        help="Seconds between frame vectors: 0.16, 0.08, 0.04, 0.02 or 0.01, each halving costs one more "
-        "pass of the model [default: 0.16].",
-    ),
-    compression: str = typer.Option(
-        "none", "--compression", help="HDF5 dataset compression: none, gzip (smaller) or lzf (faster)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish an interrupted run without redoing finished files.")
+    ] = False,
+    flush_every: Annotated[
+        int,
+        typer.Option(
+            "--flush-every",
+            min=1,
+            help="Files per journal part: at most this much work is redone after a crash.",
+        ),
+    ] = 256,
+    audio_dir: Annotated[
+        str,
+        typer.Option(
+            "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
+        ),
+    ] = None,
+    frame_hop: Annotated[
+        float,
+        typer.Option(
+            "--frame-hop",
+            help="Seconds between frame vectors: 0.16, 0.08, 0.04, 0.02 or 0.01, each halving costs one more "
+            "pass of the model [default: 0.16].",
+        ),
+    ] = None,
+    compression: Annotated[
+        str,
+        typer.Option("--compression", help="HDF5 dataset compression: none, gzip (smaller) or lzf (faster)."),
+    ] = "none",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Extract clip, per-time-step or patch embeddings of any layer to HDF5.
 
@@ -96,15 +111,12 @@ def extract(
     from sslam_core.inference.embeddings import extract_to_h5, frame_shifts, granularities
     from sslam_core.models.hub import DEFAULT_ENCODER
     from sslam_core.runs import distributed
-    from sslam_core.runs.feature_store import COMPRESSIONS, StoreError
+    from sslam_core.runs.feature_store import COMPRESSIONS
     from sslam_core.runs.interrupts import StopRequest
     from sslam_core.runs.outputs import OutputError
 
-    try:
-        keep = granularities(granularity)
-        frame_shifts(frame_hop)
-    except ValueError as e:
-        fail(str(e))
+    keep = granularities(granularity)
+    frame_shifts(frame_hop)
     if frame_hop is not None and "frame" not in keep:
         fail("--frame-hop sets the step of frame vectors: use it with --granularity frame or all")
     if output.suffix.lower() not in (".h5", ".hdf5"):
@@ -119,10 +131,7 @@ def extract(
     ckpt = checkpoint or DEFAULT_ENCODER
     model = load_model_or_fail(ckpt, dev, teacher=teacher, precision=precision)
     encoder = getattr(model, "encoder", model)
-    try:
-        encoder.resolve_layer(layer)
-    except ValueError as e:
-        fail(str(e))
+    encoder.resolve_layer(layer)
     target_length, hop_frames = frames_or_fail(model, None, hop, target_length)
     inputs = collect_inputs(paths, audio_dir)
     for problem in inputs.problems:
@@ -182,9 +191,6 @@ def extract(
                 normalization=normalization,
                 compression=compression,
             )
-    except StoreError as e:
-        bar.close()
-        fail(str(e))
     except OutputError as e:
         bar.close()
         fail(f"{e}; the finished files are kept in the journal, rerun with --resume once it is fixed")

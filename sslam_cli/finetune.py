@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 
-from sslam_cli.common import check_precision, fail, note, parse_folds, parse_norm, pick_device
-from sslam_cli.pretrain import finish
+from sslam_cli.options import check_precision, fail, finish, note, parse_folds, parse_norm, pick_device
+from sslam_core.errors import SslamError
 
 
 def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed, saved_split):
@@ -42,91 +43,116 @@ def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multi
 
 
 def finetune(
-    data: str = typer.Option(
-        ..., "--data", help="Training set: folder with labels.csv, .csv/.tsv or manifest."
-    ),
-    checkpoint: str = typer.Option(
-        None,
-        "--checkpoint",
-        "-c",
-        help="Pre-trained or fine-tuned checkpoint (file, folder, run dir, hub id).",
-    ),
-    out_dir: str = typer.Option(
-        ..., "--output", "-o", help="Run folder (model.safetensors, metrics, state)."
-    ),
-    valid: str = typer.Option(None, "--valid", help="Validation set, same formats as --data."),
-    valid_fraction: float = typer.Option(
-        None, "--valid-fraction", help="Hold out this fraction of --data (seeded) for validation."
-    ),
-    model: str = typer.Option(
-        None, "--model", help="Without --checkpoint: random init of this preset (baselines)."
-    ),
-    linear: bool = typer.Option(
-        False, "--linear", help="Frozen encoder; train fc_norm + head on the pooled features."
-    ),
-    pool: str = typer.Option(
-        None, "--pool", help="Head input: cls (the CLS token) or mean (of the patch tokens) [default: cls]."
-    ),
-    steps: int = typer.Option(None, "--steps", help="Optimiser updates."),
-    epochs: float = typer.Option(None, "--epochs", help="Passes [30; linear 50, >= 20k updates]."),
-    batch_size: int = typer.Option(48, "--batch-size", "-b", help="Clips per update and process."),
-    target_length: int = typer.Option(1024, "--target-length", help="Frames per crop (100 per second)."),
-    seed: int = typer.Option(0, "--seed"),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [default: 5e-5, linear 1e-3]."),
-    warmup: int = typer.Option(None, "--warmup", help="Warm-up updates [default: 10 % of the steps]."),
-    layer_decay: float = typer.Option(0.65, "--layer-decay", help="Layer-wise lr decay (full fine-tuning)."),
-    drop_path: float = typer.Option(0.1, "--drop-path"),
-    mixup: bool = typer.Option(None, "--mixup/--no-mixup", help="[default: on for multi-label only]"),
-    specaugment: bool = typer.Option(True, "--specaugment/--no-specaugment"),
-    roll: bool = typer.Option(True, "--roll/--no-roll"),
-    label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Multi-class only."),
-    weighted_sampling: bool = typer.Option(
-        None, "--weighted-sampling/--no-weighted-sampling", help="[default: on for multi-label only]"
-    ),
-    multilabel: bool = typer.Option(
-        None,
-        "--multilabel/--multiclass",
-        help="[default: multi-label when any clip has other than one label]",
-    ),
-    norm: str = typer.Option(
-        None, help="audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."
-    ),
-    audio_dir: str = typer.Option(
-        None, "--audio-dir", help="Audio folder for formats that keep it elsewhere."
-    ),
-    folds: str = typer.Option(None, "--folds", help="Training folds (ESC-50), e.g. 1,2,3,4."),
-    valid_folds: str = typer.Option(None, "--valid-folds", help="Validation folds (ESC-50), e.g. 5."),
-    precision: str = typer.Option("bf16", help="fp32, bf16 or fp16 (mixed precision on GPU only)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto (torchrun sets the rank's GPU)."),
-    workers: int = typer.Option(2, "--workers", "-w", help="Audio decoding workers."),
-    save_every: int = typer.Option(None, "--save-every", help="Save and validate every N updates."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --output (same split of --valid-fraction)."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace a run already in --output (its files are removed) [off: refuse]."
-    ),
-    quiet: bool = typer.Option(
-        False, "--quiet", "-q", help="No progress bar or summary on stderr (errors still) [off]."
-    ),
+    *,
+    data: Annotated[
+        str, typer.Option("--data", help="Training set: folder with labels.csv, .csv/.tsv or manifest.")
+    ],
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint", "-c", help="Pre-trained or fine-tuned checkpoint (file, folder, run dir, hub id)."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        str, typer.Option("--output", "-o", help="Run folder (model.safetensors, metrics, state).")
+    ],
+    valid: Annotated[str, typer.Option("--valid", help="Validation set, same formats as --data.")] = None,
+    valid_fraction: Annotated[
+        float,
+        typer.Option("--valid-fraction", help="Hold out this fraction of --data (seeded) for validation."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Without --checkpoint: random init of this preset (baselines).")
+    ] = None,
+    linear: Annotated[
+        bool, typer.Option("--linear", help="Frozen encoder; train fc_norm + head on the pooled features.")
+    ] = False,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool", help="Head input: cls (the CLS token) or mean (of the patch tokens) [default: cls]."
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser updates.")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes [30; linear 50, >= 20k updates].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Clips per update and process.")] = 48,
+    target_length: Annotated[
+        int, typer.Option("--target-length", help="Frames per crop (100 per second).")
+    ] = 1024,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Peak learning rate [default: 5e-5, linear 1e-3].")
+    ] = None,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Warm-up updates [default: 10 % of the steps].")
+    ] = None,
+    layer_decay: Annotated[
+        float, typer.Option("--layer-decay", help="Layer-wise lr decay (full fine-tuning).")
+    ] = 0.65,
+    drop_path: Annotated[float, typer.Option("--drop-path")] = 0.1,
+    mixup: Annotated[
+        bool, typer.Option("--mixup/--no-mixup", help="[default: on for multi-label only]")
+    ] = None,
+    specaugment: Annotated[bool, typer.Option("--specaugment/--no-specaugment")] = True,
+    roll: Annotated[bool, typer.Option("--roll/--no-roll")] = True,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Multi-class only.")] = 0.1,
+    weighted_sampling: Annotated[
+        bool,
+        typer.Option("--weighted-sampling/--no-weighted-sampling", help="[default: on for multi-label only]"),
+    ] = None,
+    multilabel: Annotated[
+        bool,
+        typer.Option(
+            "--multilabel/--multiclass", help="[default: multi-label when any clip has other than one label]"
+        ),
+    ] = None,
+    norm: Annotated[
+        str, typer.Option(help="audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's].")
+    ] = None,
+    audio_dir: Annotated[
+        str, typer.Option("--audio-dir", help="Audio folder for formats that keep it elsewhere.")
+    ] = None,
+    folds: Annotated[str, typer.Option("--folds", help="Training folds (ESC-50), e.g. 1,2,3,4.")] = None,
+    valid_folds: Annotated[
+        str, typer.Option("--valid-folds", help="Validation folds (ESC-50), e.g. 5.")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 or fp16 (mixed precision on GPU only).")
+    ] = "bf16",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:1 or auto (torchrun sets the rank's GPU).")
+    ] = "auto",
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Audio decoding workers.")] = 2,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Save and validate every N updates.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output (same split of --valid-fraction).")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace a run already in --output (its files are removed) [off: refuse]."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr (errors still) [off].")
+    ] = False,
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core.data.label_formats import DatasetError
-    from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.models.loading import read_checkpoint
     from sslam_core.models.transformer import preset
     from sslam_core.runs import distributed
     from sslam_core.training.finetuning import (
         FinetuneConfig,
-        FinetuneError,
         FinetuneTask,
         default_steps,
         read_split,
         recipe,
     )
     from sslam_core.training.finetuning import finetune as run
-    from sslam_core.training.trainer import RunFolderError, check_run_folder, fit_batch_size
+    from sslam_core.training.trainer import check_run_folder, fit_batch_size
 
     if steps is not None and epochs is not None:
         fail("give --steps or --epochs, not both")
@@ -134,10 +160,7 @@ def finetune(
         fail("give --checkpoint, or --model PRESET for a randomly initialised baseline")
     if valid is not None and valid_fraction:
         fail("give --valid or --valid-fraction, not both")
-    try:
-        check_run_folder(out_dir, resume, overwrite)
-    except RunFolderError as e:
-        fail(str(e))
+    check_run_folder(out_dir, resume, overwrite)
     dev = pick_device(device)
     train_precision = check_precision(precision, dev) if dev.type == "cuda" else "fp32"
     try:
@@ -190,7 +213,7 @@ def finetune(
             device=str(dev) if device != "auto" else "auto",
             progress=not quiet,
         )
-    except (CheckpointError, DatasetError, FinetuneError, ValueError) as e:
+    except ValueError as e:  # not an SslamError: a setting torch or the data refused
         fail(str(e))
     kind = "multi-label" if task.multilabel else "multi-class"
     if main and not quiet:
@@ -206,8 +229,10 @@ def finetune(
     try:
         summary = run(task, train_config, resume=resume, overwrite=overwrite, data=sources, split=split)
         rank = distributed.get_rank()
-    except (DatasetError, ValueError, OSError) as e:
+    except (SslamError, ValueError, OSError) as e:  # every rank leaves the group before the error line
         distributed.cleanup(sync=False)
+        if isinstance(e, SslamError):
+            raise
         fail(str(e))
     distributed.cleanup()
     if rank != 0:

@@ -7,10 +7,14 @@ so `[default: ...]` and other brackets print as written instead of being read as
 from __future__ import annotations
 
 import shutil
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag
+from sslam_cli.options import print_error
+from sslam_core.errors import SslamError
 
 PIPED_HELP_WIDTH = 100
 
@@ -20,7 +24,20 @@ def help_width() -> int:
     return shutil.get_terminal_size(fallback=(PIPED_HELP_WIDTH, 24)).columns
 
 
+class SslamGroup(TyperGroup):
+    """The `sslam` group: the one place where a library error (`SslamError`) becomes its one-line
+    message on stderr and exit status 2, for every command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SslamError as e:
+            print_error(str(e))
+            ctx.exit(e.exit_code)
+
+
 app = typer.Typer(
+    cls=SslamGroup,
     name="sslam",
     help="Audio tagging, embeddings, pre-training and fine-tuning with SSLAM / EAT.",
     no_args_is_help=True,
@@ -41,9 +58,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _setup(
-    version: bool = typer.Option(
-        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Process-wide settings shared by every command: the heap setting, and decoder libraries' chatter
     kept off stderr (see `sslam_core.audio.native_stderr`)."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslam_cli.common import fail, warn
+from sslam_cli.options import fail, warn
 
 
 def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
@@ -40,7 +40,6 @@ def pack(
 ) -> None:
     """Pack audio into shards for `sslam pretrain`; re-running with the same inputs skips finished shards."""
     from sslam_core.data.datasets import list_audio
-    from sslam_core.data.label_formats import DatasetError
     from sslam_core.data.packing import pack_audio
     from sslam_core.runs.outputs import output_error
 
@@ -50,7 +49,7 @@ def pack(
         fail(f"{out}: is a file, not a folder")
     try:
         paths = list_audio(data, recursive=recursive)
-    except (DatasetError, ValueError) as e:
+    except ValueError as e:  # not an SslamError
         fail(str(e))
     replaced = _replaced_shards(paths, out, shard_size) if out.is_dir() else []
     if replaced and not overwrite:
@@ -61,7 +60,7 @@ def pack(
         )
     try:
         report = pack_audio(paths, out, shard_size=shard_size, num_workers=workers, progress=not quiet)
-    except (DatasetError, ValueError) as e:
+    except ValueError as e:  # not an SslamError
         fail(str(e))
     except OSError as e:
         fail(str(output_error(out, e)))

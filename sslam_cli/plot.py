@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from sslam_cli.common import check_plot_output, claim_or_fail, fail, note
+from sslam_cli.options import check_plot_output, claim_or_fail, fail, note
 
 
 def plot(
-    run_dir: Path = typer.Argument(
-        ..., help="Training run folder (holding metrics.jsonl) or the log itself."
-    ),
-    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write (folders are created)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    run_dir: Annotated[
+        Path, typer.Argument(help="Training run folder (holding metrics.jsonl) or the log itself.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write (folders are created).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ) -> None:
     """Plot the curves logged in RUN_DIR/metrics.jsonl against the step, one panel per kind of value."""
     log = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
@@ -22,15 +23,13 @@ def plot(
         fail(f"{run_dir}: no metrics.jsonl (is this a training run folder?)")
     check_plot_output(output, "--output")
     claim_or_fail(output, overwrite)
-    try:
-        from sslam_core.evaluation.plots import (
-            curve_groups,
-            plot_training_curves,
-            read_metrics_log,
-            unplotted_keys,
-        )
-    except RuntimeError as e:
-        fail(str(e))
+    from sslam_core.evaluation.plots import (
+        curve_groups,
+        plot_training_curves,
+        read_metrics_log,
+        unplotted_keys,
+    )
+
     try:
         records = read_metrics_log(log)
     except (OSError, UnicodeDecodeError) as e:

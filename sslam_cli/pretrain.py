@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from sslam_cli.common import fail, note, warn
+from sslam_cli.options import fail, finish, warn
 
 Opt = typer.Option
 
@@ -122,14 +121,11 @@ def pretrain(
         run_pretraining,
         saved_settings,
     )
-    from sslam_core.training.trainer import RunFolderError, check_run_folder
+    from sslam_core.training.trainer import check_run_folder
 
     if not out:
         fail("-o/--out RUN_DIR is required")
-    try:
-        check_run_folder(out, resume, overwrite)
-    except RunFolderError as e:
-        fail(str(e))
+    check_run_folder(out, resume, overwrite)
     parsed_norm = None
     if norm is not None and "," in norm:
         try:
@@ -182,13 +178,3 @@ def pretrain(
         "model": summary["model"],
     }
     finish(summary, report)
-
-
-def finish(summary: dict, report: dict) -> None:
-    """The last stdout line: `report` as JSON; after a signal, the stop line on stderr and its status."""
-    if "interrupted" in summary:
-        report["interrupted"] = summary["interrupted"]
-    typer.echo(json.dumps(report))
-    if "interrupted" in summary:
-        note(f"interrupted at step {summary['steps']}; rerun with --resume to continue")
-        raise typer.Exit(summary["exit_code"])

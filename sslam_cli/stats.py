@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from tqdm import tqdm
 
-from sslam_cli.common import (
+from sslam_cli.options import (
     EXIT_OK,
     EXIT_SKIPPED,
     claim_or_fail,
@@ -37,25 +38,30 @@ def _audio_paths(data: str, audio_dir: Path | None) -> list[str]:
 
 
 def stats(
-    data: str = typer.Argument(
-        ..., help="A labelled set (as for `sslam eval`), an audio folder, a file list or a manifest."
-    ),
-    audio_dir: Path = typer.Option(
-        None, "--audio-dir", help="Where the audio lives, if not beside the labels."
-    ),
-    target_length: int = typer.Option(
-        None,
-        "--target-length",
-        help="Count only each file's first N frames, as a model input of N frames keeps [default: all].",
-    ),
-    fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Write the result to this file instead of stdout."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Files per fbank batch."),
-    workers: int = typer.Option(2, "--workers", "-w", help="Threads decoding audio."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="A labelled set (as for `sslam eval`), an audio folder, a file list or a manifest."
+        ),
+    ],
+    audio_dir: Annotated[
+        Path, typer.Option("--audio-dir", help="Where the audio lives, if not beside the labels.")
+    ] = None,
+    target_length: Annotated[
+        int,
+        typer.Option(
+            "--target-length",
+            help="Count only each file's first N frames, as a model input of N frames keeps [default: all].",
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Write the result to this file instead of stdout.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Files per fbank batch.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Threads decoding audio.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
 ) -> None:
     """Print the fbank mean and std over all real frames and bins of all files (padding never counts)."""
     from sslam_core.audio.stats import fbank_stats

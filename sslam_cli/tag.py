@@ -14,11 +14,17 @@ import typer
 from rich.table import Table
 from tqdm import tqdm
 
-from sslam_cli.common import (
+from sslam_cli.options import (
     BatchSize,
     Device,
+    EventThreshold,
+    FrameScores,
     Hop,
+    Median,
+    MinDuration,
+    MinGap,
     Norm,
+    OffThreshold,
     Precision,
     Window,
     Workers,
@@ -29,6 +35,8 @@ from sslam_cli.common import (
     claim_resumable,
     echo,
     err_console,
+    event_options,
+    events_hop,
     exit_status,
     fail,
     frames_or_fail,
@@ -39,95 +47,96 @@ from sslam_cli.common import (
     parse_norm,
     pick_device,
     render,
+    token_scores_or_fail,
     warn,
 )
 
 FORMATS = ("table", "json", "csv")
 CSV_HEADER = ["path", "scope", "start", "end", "rank", "label", "mid", "score"]
-EVENTS_PER_WINDOW = 4  # with --events and no --hop: windows every quarter window (window frame scores)
-
-# The event options, shared with `sslam eval --strong` (which scores the events `tag --events` writes).
-EventThreshold = Annotated[
-    str, typer.Option(help="Score at which an event starts, or a CSV of LABEL,THRESHOLD per class.")
-]
-OffThreshold = Annotated[
-    float | None, typer.Option(help="Score below which it ends (hysteresis) [default: --event-threshold].")
-]
-Median = Annotated[float, typer.Option(help="Median filter of the step scores, in seconds.")]
-MinDuration = Annotated[float, typer.Option(help="Shorter events are dropped (s).")]
-MinGap = Annotated[float, typer.Option(help="Events of a class closer than this merge (s).")]
-FrameScores = Annotated[
-    str,
-    typer.Option(
-        help="window: each step the mean of the windows covering it; token: the head on each step's "
-        "tokens (mean-pooling classifiers; default --hop the window)."
-    ),
-]
 
 
 def tag(
-    paths: list[str] = typer.Argument(
-        ..., help="Audio files, folders (searched recursively), or file lists."
-    ),
-    checkpoint: str = typer.Option(
-        None,
-        "--checkpoint",
-        "-c",
-        help="Fine-tuned checkpoint: .pt, folder, .safetensors, run dir or hub id "
-        "[default: ta012/SSLAM_AS2M_Finetuned].",
-    ),
-    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels to report per file."),
-    threshold: float = typer.Option(
-        None, "--threshold", "-t", help="Only report labels scoring at least this."
-    ),
+    paths: Annotated[
+        list[str], typer.Argument(help="Audio files, folders (searched recursively), or file lists.")
+    ],
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Fine-tuned checkpoint: .pt, folder, .safetensors, run dir or hub id "
+            "[default: ta012/SSLAM_AS2M_Finetuned].",
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per file.")] = 5,
+    threshold: Annotated[
+        float, typer.Option("--threshold", "-t", help="Only report labels scoring at least this.")
+    ] = None,
     window: Window = None,
     hop: Hop = None,
-    timeline: bool = typer.Option(False, "--timeline", help="Also report the scores of every window."),
-    fmt: str = typer.Option(
-        "table",
-        "--format",
-        "-f",
-        help="table, json (one object per line) or csv; with --events also dcase (TSV), audacity or raven.",
-    ),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Write the results to this file instead of stdout."
-    ),
-    plot: Path = typer.Option(
-        None, "--plot", help="PNG heatmap of the top classes over time (needs matplotlib)."
-    ),
-    labels: Path = typer.Option(
-        None,
-        "--labels",
-        help="Class names for a custom head: a CSV (index,mid,display_name) or one per line.",
-    ),
-    audio_dir: str = typer.Option(
-        None, "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
-    ),
+    timeline: Annotated[
+        bool, typer.Option("--timeline", help="Also report the scores of every window.")
+    ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table, json (one object per line) or csv; with --events also dcase (TSV), audacity "
+            "or raven.",
+        ),
+    ] = "table",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Write the results to this file instead of stdout.")
+    ] = None,
+    plot: Annotated[
+        Path, typer.Option("--plot", help="PNG heatmap of the top classes over time (needs matplotlib).")
+    ] = None,
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", help="Class names for a custom head: a CSV (index,mid,display_name) or one per line."
+        ),
+    ] = None,
+    audio_dir: Annotated[
+        str,
+        typer.Option(
+            "--audio-dir", help="Root folder of the files in a .tsv manifest (overrides its first line)."
+        ),
+    ] = None,
     norm: Norm = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
-    events: bool = typer.Option(
-        False, "--events", help="Detect sound events (onset, offset) from overlapping windows' scores."
-    ),
+    events: Annotated[
+        bool,
+        typer.Option(
+            "--events", help="Detect sound events (onset, offset) from overlapping windows' scores."
+        ),
+    ] = False,
     event_threshold: EventThreshold = "0.5",
     off_threshold: OffThreshold = None,
     median: Median = 0.48,
     min_duration: MinDuration = 0.16,
     min_gap: MinGap = 0.32,
     frame_scores: FrameScores = "window",
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --output / --plot files."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Finish an interrupted run with --output without redoing finished files."
-    ),
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing --output / --plot files.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Finish an interrupted run with --output without redoing finished files."
+        ),
+    ] = False,
 ) -> None:
     """Tag audio. The clip score of each class is its maximum over the windows of the file.
 
     Under `torchrun` each process tags a share of the files balanced by duration, and rank 0 writes
     all results in input order once every rank has finished (see the README's "Large corpora")."""
     from sslam_core.data.inputs import collect_inputs
-    from sslam_core.data.labels import LabelError, read_label_csv
+    from sslam_core.data.labels import read_label_csv
     from sslam_core.inference.events import EVENT_FORMATS, tag_token_steps
     from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
     from sslam_core.inference.tagging import tag as run_tag
@@ -157,10 +166,7 @@ def tag(
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = model.labels
     if labels is not None:
-        try:
-            names = read_label_csv(labels)
-        except LabelError as e:
-            fail(str(e))
+        names = read_label_csv(labels)
     if names is None or len(names) != model.cfg.num_classes:
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
@@ -264,10 +270,7 @@ def tag(
             journal.reload()
             tagged = sum(journal.done.get(n, "") is None for n in inputs.names)
             skipped = sum(journal.done.get(n) is not None for n in inputs.names)
-            try:
-                journal.finish(inputs.names)
-            except OutputError as e:
-                fail(str(e))
+            journal.finish(inputs.names)
             if scratch is not None:
                 echo(journal.out.read_text(encoding="utf-8"))
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -282,7 +285,6 @@ def _open_journal(output: Path | None, settings: dict, resume: bool, header: str
     folder of rank 0's (the ranks must share this machine), printed when all have finished. (None,
     None) for a single process printing as it goes; else (journal, scratch folder or None)."""
     from sslam_core.runs import distributed
-    from sslam_core.runs.outputs import OutputError
     from sslam_core.runs.text_journal import TextJournal
 
     scratch = None
@@ -296,49 +298,7 @@ def _open_journal(output: Path | None, settings: dict, resume: bool, header: str
             output = Path(scratch) / "tags"
     if output is None:
         return None, None
-    try:
-        return TextJournal(output, settings, resume=resume, header=header), scratch
-    except OutputError as e:
-        fail(str(e))
-
-
-def event_options(threshold: str, off, median, min_duration, min_gap, names, frame_scores: str = "window"):
-    """EventOptions from the flags. A CSV --event-threshold is read against the model's `names`; before
-    the model is loaded (`names` empty) only the flags' values are checked."""
-    from sslam_core.inference.events import FRAME_SCORES, EventOptions, read_thresholds
-
-    if frame_scores not in FRAME_SCORES:
-        fail(f"--frame-scores {frame_scores!r}: choose {' or '.join(FRAME_SCORES)}")
-
-    per_class, base = (), 0.5
-    try:
-        if Path(threshold).is_file():
-            per_class = read_thresholds(threshold, names) if names else ()
-        else:
-            base = float(threshold)
-    except (OSError, ValueError) as e:
-        fail(f"--event-threshold {threshold}: {e}")
-    try:
-        return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
-    except ValueError as e:
-        fail(f"--events: {e}")
-
-
-def token_scores_or_fail(model, frame_scores: str) -> None:
-    """With --frame-scores token, one line saying why `model` cannot give them, if it cannot."""
-    from sslam_core.inference.events import check_token_scores
-
-    if frame_scores == "token":
-        try:
-            check_token_scores(model)
-        except ValueError as e:
-            fail(f"--frame-scores token: {e}")
-
-
-def events_hop(frames: int, frame_scores: str) -> int:
-    """The default hop (frames) for events: a quarter window for window scores, the window for token
-    scores (each step is scored inside one window)."""
-    return frames if frame_scores == "token" else max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
+    return TextJournal(output, settings, resume=resume, header=header), scratch
 
 
 def _plot_paths(plot: Path, n: int) -> list[Path]:

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from sslam_cli.common import load_model_or_fail  # noqa: E402
 from sslam_cli.main import app  # noqa: E402
+from sslam_cli.options import load_model_or_fail  # noqa: E402
 from sslam_core.models.checkpoint import CheckpointError
 from sslam_core.models.factory import load_model
 from sslam_core.models.layouts.native import save_checkpoint

@@ -9,6 +9,8 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from sslam_core.errors import SslamError
+
 # Containers libsndfile reads natively; anything else with a known extension goes to PyAV.
 SOUNDFILE_EXTENSIONS = {
     ".wav", ".wave", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
@@ -24,7 +26,7 @@ AV_EXTENSIONS = {
 AV_FALLBACK_EXTENSIONS = {".mp3", ".ogg", ".oga"}
 
 
-class AudioError(Exception):
+class AudioError(SslamError):
     """An audio file that cannot be decoded into finite samples; the message names the file and why."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from sslam_core.audio.constants import FRAME_SAMPLES, HOP_SAMPLES, N_FFT, N_MELS, NORMALIZATION, SAMPLE_RATE
 from sslam_core.audio.resample import resample
+from sslam_core.errors import OptionError
 
 LOW_HZ = 20.0
 PREEMPHASIS = 0.97
@@ -137,7 +138,7 @@ def normalize(fb: torch.Tensor, norm: str | tuple[float, float] = "audioset") ->
     """(fb - mean) / (2 * std) with a named dataset preset or an explicit (mean, std)."""
     if isinstance(norm, str):
         if norm not in NORMALIZATION:
-            raise ValueError(f"unknown normalisation {norm!r}; choose from {sorted(NORMALIZATION)}")
+            raise OptionError(f"unknown normalisation {norm!r}; choose from {sorted(NORMALIZATION)}")
         norm = NORMALIZATION[norm]
     mean, std = norm
     return (fb - mean) / (2 * std)

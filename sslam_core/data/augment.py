@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sslam_core.errors import OptionError
+
 
 @dataclass
 class AugmentConfig:
@@ -110,7 +112,7 @@ def weighted_draw(weights: Sequence[float] | np.ndarray, n: int, seed: int) -> n
     """`n` clip indices drawn with replacement in proportion to `weights`, a function of `seed` only."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError("sampling weights must be finite, non-negative and not all zero")
+        raise OptionError("sampling weights must be finite, non-negative and not all zero")
     return np.random.default_rng(seed).choice(len(w), size=n, replace=True, p=w / w.sum())
 
 
@@ -125,7 +127,7 @@ class WeightedEpochs(Dataset):
         self.dataset = dataset
         self.weights = np.asarray(weights, dtype=np.float64)
         if len(self.weights) != len(dataset):
-            raise ValueError(f"{len(self.weights)} weights for {len(dataset)} clips")
+            raise OptionError(f"{len(self.weights)} weights for {len(dataset)} clips")
         self.per_epoch = per_epoch or len(dataset)
         self.target_length = dataset.target_length
         self._drawn: tuple[int, np.ndarray] | None = None

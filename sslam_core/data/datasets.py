@@ -24,6 +24,7 @@ from sslam_core.data.label_formats import (
     read_strong,
 )
 from sslam_core.data.shards import is_shard_spec, read_shard_labels
+from sslam_core.errors import OptionError
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -300,7 +301,7 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     """Deterministic random train/valid split; both parts keep the original order."""
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be between 0 and 1, got {valid_fraction}")
+        raise OptionError(f"valid_fraction must be between 0 and 1, got {valid_fraction}")
     n = len(examples)
     n_valid = min(max(int(round(n * valid_fraction)), 1), n - 1) if n > 1 else 0
     chosen = set(np.random.default_rng(seed).permutation(n)[:n_valid].tolist())

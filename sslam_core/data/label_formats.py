@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sslam_core.data.labels import audioset_labels
+from sslam_core.errors import SslamError
 
 # Found by folder search (in this order of preference when one clip exists in several formats): the
 # formats the README lists; the rarer ones audio.py can decode are taken when named explicitly.
@@ -16,7 +17,7 @@ AUDIO_EXTENSIONS = (
 )  # fmt: skip
 
 
-class DatasetError(ValueError):
+class DatasetError(SslamError, ValueError):
     """A dataset or label file that cannot be read; the message names the file and the reason."""
 
 

@@ -7,10 +7,12 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from sslam_core.errors import SslamError
+
 AUDIOSET_CLASSES = 527
 
 
-class LabelError(ValueError):
+class LabelError(SslamError, ValueError):
     """A label file that cannot be read as class names."""
 
 

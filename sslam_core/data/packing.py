@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 from sslam_core.audio.constants import SAMPLE_RATE
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.files import AudioError
+from sslam_core.errors import OptionError, SslamError
 
 PACKED_FORMAT = "sslam-packed"
 
 INDEX_NAME = "index.json"
 
 
-class PackedDataError(Exception):
+class PackedDataError(SslamError):
     """A packed-audio folder or shard that cannot be read; the message names the file and why."""
 
 
@@ -143,10 +144,10 @@ def pack_audio(
     left out and listed in the report and in index.json.
     """
     if shard_size < 1:
-        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+        raise OptionError(f"shard size must be at least 1, got {shard_size}")
     sources = [os.fspath(p) for p in paths]
     if not sources:
-        raise ValueError("no audio files to pack")
+        raise OptionError("no audio files to pack")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report, entries = PackReport(), []

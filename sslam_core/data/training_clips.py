@@ -27,6 +27,7 @@ from sslam_core.audio.constants import FRAME_SAMPLES, HOP_SAMPLES, SAMPLE_RATE
 from sslam_core.audio.decode import load_audio, resolve_input
 from sslam_core.audio.files import AudioError, AudioFile, AudioSource
 from sslam_core.data.packing import is_packed, read_index, read_offsets
+from sslam_core.errors import OptionError
 from sslam_core.runs.interrupts import ignore_stop_signals
 
 MAX_SUBSTITUTES = 16
@@ -66,7 +67,7 @@ class ClipDataset(Dataset, ABC):
 
     def __init__(self, target_length: int, random_crop: bool, labels: Sequence | None):
         if labels is not None and len(labels) != len(self):
-            raise ValueError(f"{len(labels)} labels for {len(self)} clips")
+            raise OptionError(f"{len(labels)} labels for {len(self)} clips")
         self.target_length, self.random_crop, self.labels = target_length, random_crop, labels
         self.seed = 0
         self._bad: dict[int, str] = {}
@@ -228,7 +229,7 @@ def open_audio_dataset(
     if all(packed):
         return PackedDataset(paths, target_length, random_crop)
     if any(packed):
-        raise ValueError("mix of packed folders and audio files; pack them all or pass none packed")
+        raise OptionError("mix of packed folders and audio files; pack them all or pass none packed")
     from sslam_core.audio.tar import Unreadable
     from sslam_core.data.datasets import list_audio
     from sslam_core.data.label_formats import DatasetError
@@ -290,7 +291,7 @@ class AudioBatches:
         order = shard_indices(len(self.dataset), epoch_seed, rank, world_size, self.shuffle)
         count = len(order) // self.batch_size
         if count == 0:
-            raise ValueError(
+            raise OptionError(
                 f"{len(self.dataset)} clips too few for batches of {self.batch_size} on {world_size} rank(s)"
             )
         plan = [

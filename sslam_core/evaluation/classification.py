@@ -20,6 +20,7 @@ import numpy as np
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.files import AudioError
 from sslam_core.data.datasets import LabelledSet
+from sslam_core.errors import SslamError
 from sslam_core.evaluation.metrics import (
     average_precision,
     multiclass_report,
@@ -35,7 +36,7 @@ from sslam_core.runs.outputs import atomic_write
 PREDICTION_SUFFIXES = (".npz", ".h5", ".hdf5")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SslamError, ValueError):
     """Predictions or class lists that cannot be evaluated; the message names the file and the reason."""
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sslam_core.errors import SslamError
+
 DPI = 120
+
+
+class PlotError(SslamError, RuntimeError):
+    """A figure that cannot be drawn: matplotlib missing (the `plot` extra), or nothing to plot."""
 
 
 def pyplot():
@@ -21,7 +27,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError("plotting needs matplotlib: pip install 'sslam[plot]'") from e
+        raise PlotError("plotting needs matplotlib: pip install 'sslam[plot]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,7 +51,7 @@ def timeline_grid(segments: Sequence[tuple[float, float, np.ndarray]], rows: Seq
     covering [edges[i], edges[i + 1]] (NaN where no window does: a hop longer than the window) and
     `overlap` says whether some interval is covered by more than one window."""
     if not segments:
-        raise ValueError("no windows to plot")
+        raise PlotError("no windows to plot")
     spans = np.round(np.array([(a, b) for a, b, _ in segments], dtype=np.float64), 6)  # to the microsecond
     edges = np.unique(spans)
     if len(edges) == 1:  # a single zero-length window
@@ -138,7 +144,7 @@ def plot_class_ap(
         (r for r in rows if r.get(key) is not None and not math.isnan(r[key])), key=lambda r: r[key]
     )
     if not scored:
-        raise ValueError("no class has a positive clip, so there is no per-class score to plot")
+        raise PlotError("no class has a positive clip, so there is no per-class score to plot")
     values = np.array([r[key] for r in scored])
     if metric_value is None:
         metric_value = float(values.mean()) if key == "AP" else None
@@ -278,7 +284,7 @@ def plot_training_curves(records: Sequence[dict], path: str | Path, title: str =
 
     groups = curve_groups(records)
     if not groups:
-        raise ValueError("the log holds no numeric values to plot")
+        raise PlotError("the log holds no numeric values to plot")
     fig, axes = plt.subplots(
         len(groups), 1, figsize=(10, 2.3 * len(groups) + 0.8), sharex=True, squeeze=False
     )

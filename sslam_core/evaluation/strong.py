@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sslam_core.data.label_formats import read_lines, stem
+from sslam_core.errors import OptionError, SslamError
 from sslam_core.inference.events import (
     Event,
     EventOptions,
@@ -49,11 +50,11 @@ EXTRA_HINT = "strong-label evaluation needs the sed extra: pip install 'sslam[se
 Interval = tuple[float, float, str]  # onset, offset, label
 
 
-class StrongEvalError(ValueError):
+class StrongEvalError(SslamError, ValueError):
     """A strong-label file that cannot be used; the message is one line naming the file."""
 
 
-class SedUnavailable(ImportError):
+class SedUnavailable(SslamError, ImportError):
     """The `sed` extra is not installed; the message is one line naming it."""
 
 
@@ -85,11 +86,11 @@ class StrongOptions:
 
     def __post_init__(self) -> None:
         if self.collar < 0 or self.offset_collar_rate < 0:
-            raise ValueError(f"collars must not be negative ({self.collar}, {self.offset_collar_rate})")
+            raise OptionError(f"collars must not be negative ({self.collar}, {self.offset_collar_rate})")
         if self.segment_length <= 0:
-            raise ValueError(f"the segment length must be positive, got {self.segment_length}")
+            raise OptionError(f"the segment length must be positive, got {self.segment_length}")
         if not (0 < self.dtc <= 1 and 0 < self.gtc <= 1):
-            raise ValueError(f"PSDS tolerance criteria must lie in (0, 1], got {self.dtc}, {self.gtc}")
+            raise OptionError(f"PSDS tolerance criteria must lie in (0, 1], got {self.dtc}, {self.gtc}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND, PATCH_FRAMES
+from sslam_core.errors import OptionError
 from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
 from sslam_core.inference.pipeline import FileResult, Shifted, Source, feature_head, run_windows
 from sslam_core.runs import distributed
@@ -32,7 +33,7 @@ def frame_shifts(frame_hop: float | None) -> list[int]:
     if passes not in (1, 2, 4, 8, 16) or not math.isclose(
         passes * frame_hop, PATCH_FRAMES / FRAMES_PER_SECOND
     ):
-        raise ValueError(f"frame hop {frame_hop} s: choose one of {', '.join(map(str, FRAME_HOPS))}")
+        raise OptionError(f"frame hop {frame_hop} s: choose one of {', '.join(map(str, FRAME_HOPS))}")
     return [k * PATCH_FRAMES // passes for k in range(passes)]
 
 
@@ -83,7 +84,7 @@ def granularities(name: str) -> tuple[str, ...]:
     if name == "all":
         return GRANULARITIES
     if name not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {name!r}; choose clip, frame, patch or all")
+        raise OptionError(f"unknown granularity {name!r}; choose clip, frame, patch or all")
     return ("clip", name) if name != "clip" else ("clip",)
 
 

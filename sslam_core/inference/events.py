@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND, STEP_SECONDS
+from sslam_core.errors import OptionError
 from sslam_core.inference.tagging import TagResult
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
 
@@ -53,16 +54,16 @@ class EventOptions:
         for on in (self.threshold, *(t for _, t in self.per_class)):
             off = on if self.off_threshold is None else min(self.off_threshold, on)
             if not 0.0 <= off <= on <= 1.0:
-                raise ValueError(
+                raise OptionError(
                     f"thresholds must satisfy 0 <= off threshold ({off}) <= threshold ({on}) <= 1"
                 )
         if self.off_threshold is not None and not 0.0 <= self.off_threshold <= self.threshold:
-            raise ValueError(f"the off threshold {self.off_threshold} must lie in [0, {self.threshold}]")
+            raise OptionError(f"the off threshold {self.off_threshold} must lie in [0, {self.threshold}]")
         for name in ("median", "min_duration", "min_gap"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise OptionError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.step <= 0:
-            raise ValueError(f"step must be positive, got {self.step}")
+            raise OptionError(f"step must be positive, got {self.step}")
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,9 @@ def check_token_scores(model: Classifier) -> None:
     from sslam_core.models.onnx_runtime import OnnxModel
 
     if isinstance(model, OnnxModel):
-        raise ValueError("token frame scores need the PyTorch model (an ONNX export gives clip logits only)")
+        raise OptionError("token frame scores need the PyTorch model (an ONNX export gives clip logits only)")
     if model.cfg.pool != "mean":
-        raise ValueError(
+        raise OptionError(
             f"token frame scores need a classifier with mean pooling; this one pools {model.cfg.pool!r}"
             " (use window frame scores)"
         )
@@ -247,7 +248,7 @@ def read_thresholds(path: str, labels: Sequence[tuple[str, str]]) -> tuple[tuple
             label, value = (c.strip() for c in row)
             out.append((index[label], float(value)))
         except (ValueError, KeyError):
-            raise ValueError(
+            raise OptionError(
                 f"{path}: line {number} {','.join(row)!r}: expected LABEL,THRESHOLD for a class of the model"
             ) from None
     return tuple(out)
@@ -295,5 +296,5 @@ def render_events(path: str, events: Sequence[Event], fmt: str, first: bool, num
             for i, e in enumerate(events, number)
         )
     else:
-        raise ValueError(f"unknown event format {fmt!r}; choose {', '.join(EVENT_FORMATS)}")
+        raise OptionError(f"unknown event format {fmt!r}; choose {', '.join(EVENT_FORMATS)}")
     return buf.getvalue()

@@ -33,6 +33,7 @@ from sslam_core.audio.decode import audio_info, stream_audio
 from sslam_core.audio.files import AudioError, AudioFile, AudioSource
 from sslam_core.audio.frontend import prepare_input
 from sslam_core.audio.resample import resample
+from sslam_core.errors import OptionError
 from sslam_core.inference.workers import TaskFailed, ordered_map
 from sslam_core.models.precision import strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
@@ -61,7 +62,7 @@ def seconds_to_frames(seconds: float, multiple: int = PATCH_FRAMES) -> int:
     """Seconds -> fbank frames, rounded to a whole number of time patches."""
     frames = round(seconds * FRAMES_PER_SECOND / multiple) * multiple
     if frames <= 0:
-        raise ValueError(f"{seconds} s is shorter than one {multiple * 10} ms patch")
+        raise OptionError(f"{seconds} s is shorter than one {multiple * 10} ms patch")
     return frames
 
 
@@ -72,18 +73,18 @@ def resolve_window(
     model was trained with, else 1024; the hop defaults to the window."""
     for name, value in (("--window", window), ("--hop", hop)):
         if value is not None and not (math.isfinite(value) and value >= PATCH_FRAMES / FRAMES_PER_SECOND):
-            raise ValueError(
+            raise OptionError(
                 f"{name} {value}: expected at least {PATCH_FRAMES / FRAMES_PER_SECOND} s (one time patch)"
             )
     if target_length is not None and (target_length <= 0 or target_length % PATCH_FRAMES):
-        raise ValueError(f"--target-length {target_length}: expected a positive multiple of {PATCH_FRAMES}")
+        raise OptionError(f"--target-length {target_length}: expected a positive multiple of {PATCH_FRAMES}")
     frames = target_length or (seconds_to_frames(window) if window else None)
     frames = frames or getattr(model, "target_length", None) or DEFAULT_TARGET_LENGTH
     if frames <= 0 or frames % PATCH_FRAMES:
-        raise ValueError(f"the window must be a positive multiple of {PATCH_FRAMES} frames, got {frames}")
+        raise OptionError(f"the window must be a positive multiple of {PATCH_FRAMES} frames, got {frames}")
     limit = max_frames(model)
     if limit is not None and frames > limit:
-        raise ValueError(
+        raise OptionError(
             f"a window of {frames} frames ({frames_to_seconds(frames):.2f} s) is longer than this model's "
             f"position table holds ({limit} frames, {frames_to_seconds(limit):.2f} s)"
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND
+from sslam_core.errors import OptionError
 from sslam_core.inference.pipeline import Source, logits_head, run_windows
 from sslam_core.models.transformer import Classifier
 
@@ -42,7 +43,7 @@ def tag(
 ) -> Iterator[TagResult]:
     """Tag each file path or (wave, sample_rate) pair; windows of `target_length` frames every `hop`."""
     if not isinstance(model, Classifier):
-        raise ValueError("tagging needs a fine-tuned checkpoint (one with a classification head)")
+        raise OptionError("tagging needs a fine-tuned checkpoint (one with a classification head)")
     hop = hop or target_length
     results = run_windows(
         model, sources, logits_head(model, multilabel), target_length=target_length, hop=hop, **run_options

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.labels import AUDIOSET_CLASSES, audioset_labels, labels_from_mids
+from sslam_core.errors import SslamError
 from sslam_core.models.transformer import ModelConfig, build_model
 from sslam_core.runs.outputs import atomic_write
 
@@ -32,7 +33,7 @@ AUDIOSET_NORM = NORMALIZATION["audioset"]  # what a file without a recorded norm
 HEAD = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SslamError, ValueError):
     """A checkpoint that cannot be found, read or understood; the message names the file."""
 
 

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
 
+from sslam_core.errors import SslamError
+
 DEFAULT_TAGGER = "ta012/SSLAM_AS2M_Finetuned"
 DEFAULT_ENCODER = "ta012/SSLAM_pretrain"
 HUB_FILES = ["config.json", "model.safetensors"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(SslamError, RuntimeError):
     """A hub id that is neither cached nor downloadable (offline, unknown repo, no network)."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sslam_core.errors import SslamError
 from sslam_core.models.checkpoint import Checkpoint, CheckpointError, metadata, sha256_file
 from sslam_core.models.loading import read_checkpoint, reader_for, resolve, torch_model
 from sslam_core.models.onnx_runtime import INPUT, onnx_model, open_session, require, run_session
@@ -36,7 +37,7 @@ OPSET = 18
 EXPORT_MODULES = ("onnx", "onnxruntime", "onnxscript")
 
 
-class ExportError(ValueError):
+class ExportError(SslamError, ValueError):
     """An export that cannot be made or that does not match torch; one line."""
 
 

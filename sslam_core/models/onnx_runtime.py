@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sslam_core.errors import OptionError, SslamError
 from sslam_core.models.checkpoint import Checkpoint, CheckpointError, parse_metadata
 from sslam_core.models.transformer import Classifier, ModelConfig
 
@@ -24,7 +25,7 @@ KINDS = ("encoder", "classifier")
 INPUT = "input"
 
 
-class OnnxUnavailable(ImportError):
+class OnnxUnavailable(SslamError, ImportError):
     """The `[onnx]` extra is not installed; the message is one line naming it."""
 
 
@@ -144,7 +145,7 @@ class OnnxModel(nn.Module):
             return self.layer
         n = layer if layer > 0 else depth + 1 + layer
         if n != self.layer or layer == 0:
-            raise ValueError(
+            raise OptionError(
                 f"layer {layer}: this ONNX export gives block {self.layer} of {depth} only "
                 f"(export again with --layer {layer})"
             )

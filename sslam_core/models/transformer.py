@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslam_core.errors import OptionError
+
 FREQ_PATCHES = 8  # 128 mel bins / 16
 POOLING = ("cls", "mean")
 
@@ -58,7 +60,7 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A named model size (`base` = the release ViT-B) with optional overrides."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise OptionError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
@@ -170,7 +172,7 @@ class Encoder(nn.Module):
         """(B, 1, T, mel) -> patch tokens with positions added, (B, N, D), N = T/16 * 8."""
         B, _, T, mel = x.shape
         if T % self.cfg.patch_size or mel != self.cfg.mel_bins:
-            raise ValueError(
+            raise OptionError(
                 f"input must be (B, 1, T, {self.cfg.mel_bins}) with T a multiple of "
                 f"{self.cfg.patch_size}, got {tuple(x.shape)}"
             )
@@ -178,7 +180,7 @@ class Encoder(nn.Module):
         n = tokens.shape[1]
         if n > self.pos_embed.shape[1]:
             max_frames = self.pos_embed.shape[1] // self.cfg.freq_patches * self.cfg.patch_size
-            raise ValueError(f"input of {T} frames is longer than the model's maximum of {max_frames}")
+            raise OptionError(f"input of {T} frames is longer than the model's maximum of {max_frames}")
         return tokens + self.pos_embed[:, :n].to(tokens.dtype)
 
     def contextualize(
@@ -206,7 +208,7 @@ class Encoder(nn.Module):
             return depth
         n = layer if layer > 0 else depth + 1 + layer
         if not 1 <= n <= depth or layer == 0:
-            raise ValueError(
+            raise OptionError(
                 f"layer {layer} out of range for a {depth}-block model (use 1..{depth} or -1..-{depth})"
             )
         return n
@@ -228,9 +230,9 @@ class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.num_classes <= 0:
-            raise ValueError("a classifier needs num_classes > 0")
+            raise OptionError("a classifier needs num_classes > 0")
         if cfg.pool not in POOLING:
-            raise ValueError(f"unknown pooling {cfg.pool!r}; choose {' or '.join(POOLING)}")
+            raise OptionError(f"unknown pooling {cfg.pool!r}; choose {' or '.join(POOLING)}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)

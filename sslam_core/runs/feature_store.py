@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from sslam_core.errors import OptionError, SslamError
 from sslam_core.runs import distributed
 from sslam_core.runs.outputs import OutputError, atomic_write, output_error, write_text
 
@@ -57,7 +58,7 @@ class Record:
     error: str | None = None
 
 
-class StoreError(Exception):
+class StoreError(SslamError):
     """The output or its journal cannot be used (e.g. resume with different settings)."""
 
 
@@ -168,7 +169,7 @@ class FeatureStore:
         process merges (rank 0 under torchrun, once every rank has flushed its parts)."""
         self.flush()
         if compression not in COMPRESSIONS:
-            raise ValueError(f"compression {compression!r}: choose {', '.join(COMPRESSIONS)}")
+            raise OptionError(f"compression {compression!r}: choose {', '.join(COMPRESSIONS)}")
         rank = {p: i for i, p in enumerate(order)}
         items: list[tuple[int, int, int]] = []  # (rank in order, part, row among the part's good rows)
         errors: list[tuple[int, str, str]] = []

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sslam_core.errors import SslamError
 
-class OutputError(OSError):
+
+class OutputError(SslamError, OSError):
     """An output that cannot be written, or that exists and may not be replaced; the message is one
     line naming the path and the cause."""
 

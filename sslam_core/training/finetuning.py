@@ -31,6 +31,7 @@ from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
 from sslam_core.data.datasets import Example, LabelledSet
 from sslam_core.data.training_clips import AudioBatches, WaveformDataset, shard_indices
+from sslam_core.errors import SslamError
 from sslam_core.evaluation.metrics import multiclass_report, multilabel_report
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.layouts.native import save_checkpoint
@@ -43,7 +44,7 @@ FULL_EPOCHS, LINEAR_EPOCHS = 30, 50
 LINEAR_MIN_STEPS = 20_000  # default probe length on small sets; see default_steps
 
 
-class FinetuneError(ValueError):
+class FinetuneError(SslamError, ValueError):
     """Settings or data that cannot be fine-tuned on; the message says which and why."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sslam_core.errors import OptionError
+
 
 def block_mask(
     rows: int,
@@ -28,7 +30,7 @@ def block_mask(
     keep_prob = 1 - mask_prob
     target = int(n * keep_prob)
     if not 0 < target <= n or block < 1:
-        raise ValueError(f"mask_prob {mask_prob} and block {block} leave no visible patch on a {H}x{W} grid")
+        raise OptionError(f"mask_prob {mask_prob} and block {block} leave no visible patch on a {H}x{W} grid")
     centres = int(n * (keep_prob + adjust) / block**2)
 
     kept = torch.zeros(rows, H, W)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sslam_core.errors import OptionError
 from sslam_core.training.transfer import to_device
 
 PATCH = 16
@@ -36,7 +37,7 @@ def choose_windows(
 ) -> list[int]:
     """Random starts (frames, ascending, non-overlapping) of `count` clean windows of `window` frames."""
     if frames % PATCH or window % PATCH or window <= 0 or count < 1:
-        raise ValueError(
+        raise OptionError(
             f"frames ({frames}) and window ({window}) must be positive multiples of {PATCH}, "
             f"count ({count}) at least 1"
         )
@@ -45,7 +46,7 @@ def choose_windows(
     for k in range(count):
         options = window_candidates(frames, end, count - 1 - k, window, first=k == 0)
         if not options:
-            raise ValueError(
+            raise OptionError(
                 f"{count} clean windows of {window} frames do not fit in a clip of {frames} frames"
             )
         pick = int(torch.randint(len(options), (1,), generator=generator))
@@ -70,7 +71,7 @@ def roll_partners(batch: int) -> Tensor:
 def random_partners(batch: int, generator: torch.Generator | None = None) -> Tensor:
     """A uniformly random derangement of the batch (no clip is its own partner), drawn by rejection."""
     if batch < 2:
-        raise ValueError(f"mixing needs at least 2 clips in a batch, got {batch}")
+        raise OptionError(f"mixing needs at least 2 clips in a batch, got {batch}")
     while True:
         perm = torch.randperm(batch, generator=generator)
         if not bool((perm == torch.arange(batch)).any()):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslam_core.errors import OptionError
 from sslam_core.models.transformer import Encoder, ModelConfig
 from sslam_core.training.masking import block_mask, visible_indices
 from sslam_core.training.mixing import (
@@ -73,13 +74,13 @@ class ObjectiveConfig:
         ):
             if value not in allowed:
                 choices = ", ".join(a for a in allowed if a is not None)
-                raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+                raise OptionError(f"unknown {name} {value!r}; choose from {choices}")
         if self.utterance_target is None:
             self.utterance_target = "average" if self.stage == "eat" else "last"
         if self.clone_batch is None:
             self.clone_batch = 16 if self.stage == "eat" else 8
         if self.clone_batch < 1:
-            raise ValueError(f"clone_batch must be >= 1, got {self.clone_batch}")
+            raise OptionError(f"clone_batch must be >= 1, got {self.clone_batch}")
 
 
 def ema_decay_at(step: int, cfg: ObjectiveConfig) -> float:

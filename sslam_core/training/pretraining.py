@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sslam_core.errors import SslamError
 from sslam_core.models.transformer import ModelConfig, preset
 from sslam_core.runs import distributed
 from sslam_core.training.objective import (
@@ -38,7 +39,7 @@ RELEASE_FRAMES, RELEASE_WINDOW = 1024, 240
 PATCH = 16
 
 
-class PretrainConfigError(ValueError):
+class PretrainConfigError(SslamError, ValueError):
     """Pre-training settings that cannot run; the message names the setting (and file) and why."""
 
 

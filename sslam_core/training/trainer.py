@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sslam_core.errors import OptionError, SslamError
 from sslam_core.runs import distributed
 from sslam_core.runs.interrupts import StopRequest
 from sslam_core.runs.outputs import OutputError, atomic_write, output_error, torch_save, write_text
@@ -57,7 +58,7 @@ RUN_FILES += ("split.json",)
 RUN_FOLDERS = ("checkpoints", "tensorboard")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(SslamError, ValueError):
     """A run folder that may not be trained into as asked (it holds a run); the message says why."""
 
 
@@ -103,11 +104,11 @@ class TrainConfig:
     def check(self) -> None:
         """Reject settings that cannot train, with a one-line reason."""
         if self.steps < 0 or self.grad_accum < 1 or self.log_every < 1 or self.save_every < 1:
-            raise ValueError("steps must be >= 0 and grad_accum, log_every, save_every >= 1")
+            raise OptionError("steps must be >= 0 and grad_accum, log_every, save_every >= 1")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
+            raise OptionError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
 
 class TrainingTask(Protocol):
@@ -467,7 +468,7 @@ def fit_batch_size(batch_size: int, clips: int, world_size: int = 1) -> int:
     there is not one clip per rank."""
     per_rank = clips // world_size
     if per_rank < 1:
-        raise ValueError(f"{clips} clip(s) are too few for {world_size} rank(s)")
+        raise OptionError(f"{clips} clip(s) are too few for {world_size} rank(s)")
     return min(batch_size, per_rank)
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
+
+from sslam_core.errors import SslamError
 
 if TYPE_CHECKING:
     import torch
@@ -51,11 +55,20 @@ Precision = Annotated[
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
+class CommandError(SslamError):
+    """A command-line problem found by the command itself (a bad option value, no input files)."""
+
+
 def fail(message: str) -> NoReturn:
-    """Print one line on stderr and exit with status 2. `message` is plain text (paths and all): it is
-    escaped, so square brackets in file names print as they are."""
+    """Stop the command with one error line and exit status 2 (printed by the `sslam` group, as every
+    `SslamError` is). `message` is plain text, paths and all."""
+    raise CommandError(message)
+
+
+def print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr. The message is escaped, so square brackets in file names print as
+    they are."""
     err_console.print(f"[red]error:[/red] {escape(message)}", markup=True)
-    raise typer.Exit(EXIT_USAGE)
 
 
 def warn(message: str) -> None:
@@ -112,13 +125,10 @@ def note(message: str) -> None:
 
 
 def claim_or_fail(path, overwrite: bool = False, flag: str = "--overwrite"):
-    """`outputs.claim_output`, with any refusal as one error line and exit status 2."""
-    from sslam_core.runs.outputs import OutputError, claim_output
+    """`outputs.claim_output` (a refusal is an OutputError: one error line, exit status 2)."""
+    from sslam_core.runs.outputs import claim_output
 
-    try:
-        return claim_output(path, overwrite, flag)
-    except OutputError as e:
-        fail(str(e))
+    return claim_output(path, overwrite, flag)
 
 
 def pick_device(device: str) -> torch.device:
@@ -188,10 +198,7 @@ def frames_or_fail(model, window: float | None, hop: float | None, target_length
     when the window is longer than what the model was trained on."""
     from sslam_core.inference.pipeline import resolve_window, window_warning
 
-    try:
-        frames, hop_frames = resolve_window(model, window, hop, target_length)
-    except ValueError as e:
-        fail(str(e))
+    frames, hop_frames = resolve_window(model, window, hop, target_length)
     warning = window_warning(model, frames)
     if warning:
         note(warning)
@@ -211,23 +218,16 @@ def parse_folds(text: str | None, flag: str = "--folds") -> list[int] | None:
 def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = False, precision: str = "fp32"):
     """Load a checkpoint (an `.onnx` export too; `precision="int8"`: its cached ONNX Runtime int8
     model); any problem becomes one line and exit status 2."""
-    from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.models.factory import load_model
 
-    try:
-        return load_model(checkpoint, device=device, teacher=teacher, precision=precision)
-    except CheckpointError as e:
-        fail(str(e))
+    return load_model(checkpoint, device=device, teacher=teacher, precision=precision)
 
 
 def write_text_atomic(path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename; a write error is one line, exit 2."""
-    from sslam_core.runs.outputs import OutputError, write_text
+    from sslam_core.runs.outputs import write_text
 
-    try:
-        write_text(path, text)
-    except OutputError as e:
-        fail(str(e))
+    write_text(path, text)
 
 
 def stdout_is_tty() -> bool:
@@ -306,3 +306,80 @@ def join_ranks(device: torch.device) -> torch.device:
         return distributed.init_inference(device).device
     except (RuntimeError, ValueError) as e:
         fail(f"cannot join the other torchrun processes: {(str(e).splitlines() or [''])[0]}")
+
+
+# The event options, shared by `sslam tag --events` and `sslam eval --strong` (which scores the events
+# `tag --events` writes).
+EVENTS_PER_WINDOW = 4  # with --events and no --hop: windows every quarter window (window frame scores)
+
+# The event options, shared with `sslam eval --strong` (which scores the events `tag --events` writes).
+EventThreshold = Annotated[
+    str, typer.Option(help="Score at which an event starts, or a CSV of LABEL,THRESHOLD per class.")
+]
+
+OffThreshold = Annotated[
+    float | None, typer.Option(help="Score below which it ends (hysteresis) [default: --event-threshold].")
+]
+
+Median = Annotated[float, typer.Option(help="Median filter of the step scores, in seconds.")]
+
+MinDuration = Annotated[float, typer.Option(help="Shorter events are dropped (s).")]
+
+MinGap = Annotated[float, typer.Option(help="Events of a class closer than this merge (s).")]
+
+FrameScores = Annotated[
+    str,
+    typer.Option(
+        help="window: each step the mean of the windows covering it; token: the head on each step's "
+        "tokens (mean-pooling classifiers; default --hop the window)."
+    ),
+]
+
+
+def event_options(threshold: str, off, median, min_duration, min_gap, names, frame_scores: str = "window"):
+    """EventOptions from the flags. A CSV --event-threshold is read against the model's `names`; before
+    the model is loaded (`names` empty) only the flags' values are checked."""
+    from sslam_core.inference.events import FRAME_SCORES, EventOptions, read_thresholds
+
+    if frame_scores not in FRAME_SCORES:
+        fail(f"--frame-scores {frame_scores!r}: choose {' or '.join(FRAME_SCORES)}")
+
+    per_class, base = (), 0.5
+    try:
+        if Path(threshold).is_file():
+            per_class = read_thresholds(threshold, names) if names else ()
+        else:
+            base = float(threshold)
+    except (OSError, ValueError) as e:
+        fail(f"--event-threshold {threshold}: {e}")
+    try:
+        return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
+    except ValueError as e:
+        fail(f"--events: {e}")
+
+
+def token_scores_or_fail(model, frame_scores: str) -> None:
+    """With --frame-scores token, one line saying why `model` cannot give them, if it cannot."""
+    from sslam_core.inference.events import check_token_scores
+
+    if frame_scores == "token":
+        try:
+            check_token_scores(model)
+        except ValueError as e:
+            fail(f"--frame-scores token: {e}")
+
+
+def events_hop(frames: int, frame_scores: str) -> int:
+    """The default hop (frames) for events: a quarter window for window scores, the window for token
+    scores (each step is scored inside one window)."""
+    return frames if frame_scores == "token" else max(16, frames // EVENTS_PER_WINDOW // 16 * 16)
+
+
+def finish(summary: dict, report: dict) -> None:
+    """The last stdout line: `report` as JSON; after a signal, the stop line on stderr and its status."""
+    if "interrupted" in summary:
+        report["interrupted"] = summary["interrupted"]
+    typer.echo(json.dumps(report))
+    if "interrupted" in summary:
+        note(f"interrupted at step {summary['steps']}; rerun with --resume to continue")
+        raise typer.Exit(summary["exit_code"])
