@@ -56,6 +56,7 @@ from sslam_core.audio.decode import load_audio  # noqa: E402
 from sslam_core.audio.frontend import prepare_input  # noqa: E402
 from sslam_core.data.labels import audioset_labels  # noqa: E402
 from sslam_core.inference.embeddings import embed  # noqa: E402
+from sslam_core.inference.options import PipelineOptions  # noqa: E402
 from sslam_core.inference.pipeline import run_windows  # noqa: E402
 from sslam_core.models.layouts.native import save_checkpoint  # noqa: E402
 from sslam_core.models.precision import strict_fp32  # noqa: E402
@@ -536,8 +537,10 @@ def _input_only(paths: list[str], device, s: dict, workers: int) -> float:
         return {"z": x[:, 0, 0, :1]}
 
     start = time.perf_counter()
-    n = sum(1 for _ in run_windows(trivial, paths, head, target_length=s["target_length"],
-                                   batch_size=s["batch"], workers=workers, device=device))  # fmt: skip
+    options = PipelineOptions(
+        target_length=s["target_length"], batch_size=s["batch"], workers=workers, device=device
+    )
+    n = sum(1 for _ in run_windows(trivial, paths, head, options))
     sync(device)
     return n / (time.perf_counter() - start)
 

@@ -225,7 +225,7 @@ def _check_options(
 ) -> None:
     """Every argument that can be checked without the model or the data, as one error line."""
     from sslam_core.evaluation.classification import PREDICTION_SUFFIXES
-    from sslam_core.inference.pipeline import resolve_window
+    from sslam_core.inference.windows import resolve_window
 
     if fmt not in ("table", "json"):
         fail(f"--format {fmt!r}: choose table or json")
@@ -346,13 +346,11 @@ def _predict(
         pred = predict(
             model,
             dataset,
+            pipeline_options(run, dev, model, norm, length, hop_frames),
             multilabel=dataset.multilabel,
-            target_length=length,
-            hop=hop_frames,
             where=checkpoint,
             progress=progress,
             stop=lambda: stop.requested,
-            **pipeline_options(run, dev, model, norm),
         )
     finally:
         bar.close()
@@ -477,12 +475,10 @@ def _evaluate_strong(
             [e.key for e in dataset.examples],
             model.labels,
             found,
+            pipeline_options(run, dev, model, run["norm"], length, hop),
             frame_scores=detection["frame_scores"],
-            target_length=length,
-            hop=hop,
             progress=progress,
             stop=lambda: stop.requested,
-            **pipeline_options(run, dev, model, run["norm"]),
         )
         bar.close()
         if stop.requested:

@@ -108,7 +108,8 @@ def extract(
     them into the same file one process would write (see the README's "Large corpora")."""
     import sslam_core
     from sslam_core.data.inputs import collect_inputs
-    from sslam_core.inference.embeddings import extract_to_h5, frame_shifts, granularities
+    from sslam_core.inference.embeddings import FeatureOptions, extract_to_h5, frame_shifts, granularities
+    from sslam_core.inference.options import PipelineOptions
     from sslam_core.models.hub import DEFAULT_ENCODER
     from sslam_core.runs import distributed
     from sslam_core.runs.feature_store import COMPRESSIONS
@@ -173,23 +174,23 @@ def extract(
                 inputs.paths,
                 inputs.names,
                 output,
+                PipelineOptions(
+                    target_length=target_length,
+                    hop=hop_frames,
+                    batch_size=batch_size,
+                    workers=workers,
+                    device=dev,
+                    precision=precision,
+                    normalization=normalization,
+                ),
+                FeatureOptions(granularity=granularity, layer=layer, frame_hop=frame_hop),
                 settings=settings,
-                granularity=granularity,
-                layer=layer,
-                target_length=target_length,
-                hop=hop_frames,
                 resume=resume,
-                on_file=on_file,
-                on_share=on_share,
+                compression=compression,
                 flush_files=flush_every,
                 stop=lambda: stop.requested,
-                frame_hop=frame_hop,
-                batch_size=batch_size,
-                workers=workers,
-                device=dev,
-                precision=precision,
-                normalization=normalization,
-                compression=compression,
+                on_file=on_file,
+                on_share=on_share,
             )
     except OutputError as e:
         bar.close()

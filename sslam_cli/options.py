@@ -99,16 +99,20 @@ def check_plot_output(path, flag: str = "--plot") -> None:
         fail(f"{flag}: {e}")
 
 
-def pipeline_options(run: dict, device: torch.device, model, norm: str | None) -> dict:
-    """The inference pipeline's options (`inference.run_windows`) from a command's --batch-size,
-    --workers, --precision and --norm flags (`run` holds the first three by name)."""
-    return {
-        "batch_size": run["batch_size"],
-        "workers": run["workers"],
-        "device": device,
-        "precision": run["precision"],
-        "normalization": parse_norm(norm, model.normalization),
-    }
+def pipeline_options(run: dict, device: torch.device, model, norm: str | None, target_length: int, hop: int):
+    """The inference pipeline's `PipelineOptions` from a command's flags: windows of `target_length`
+    frames every `hop`, and --batch-size, --workers, --precision (held in `run` by name) and --norm."""
+    from sslam_core.inference.options import PipelineOptions
+
+    return PipelineOptions(
+        target_length=target_length,
+        hop=hop,
+        batch_size=run["batch_size"],
+        workers=run["workers"],
+        device=device,
+        precision=run["precision"],
+        normalization=parse_norm(norm, model.normalization),
+    )
 
 
 def rank_in_run() -> int:
@@ -196,7 +200,7 @@ def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
 def frames_or_fail(model, window: float | None, hop: float | None, target_length: int | None = None):
     """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line; a note
     when the window is longer than what the model was trained on."""
-    from sslam_core.inference.pipeline import resolve_window, window_warning
+    from sslam_core.inference.windows import resolve_window, window_warning
 
     frames, hop_frames = resolve_window(model, window, hop, target_length)
     warning = window_warning(model, frames)

@@ -239,13 +239,13 @@ def test_hear_api_and_python_api():
 
 
 def test_streamed_long_files_equal_decoded_ones(long_wav, monkeypatch):
-    from sslam_core.inference import pipeline as inference
+    from sslam_core.inference import windows
     from sslam_core.inference.embeddings import embed
     from sslam_core.models.factory import load_model
 
     model = load_model(PRETRAIN)
     eager = next(embed(model, [str(long_wav)], granularity="all", batch_size=2))
-    monkeypatch.setattr(inference, "STREAM_SECONDS", 1.0)
+    monkeypatch.setattr(windows, "STREAM_SECONDS", 1.0)
     lazy = next(embed(model, [str(long_wav), str(CLIP)], granularity="all", batch_size=2, workers=1))
     assert lazy.duration == eager.duration
     for name in ("clip", "patch", "frame", "frame_times"):

@@ -18,7 +18,9 @@ import torch
 from conftest import child_pids
 
 from sslam_core.audio.files import AudioSource
-from sslam_core.inference.pipeline import Shifted, feature_head, run_windows
+from sslam_core.inference.options import PipelineOptions
+from sslam_core.inference.pipeline import feature_head, run_windows
+from sslam_core.inference.windows import Shifted
 from sslam_core.models.transformer import Encoder, preset
 from sslam_core.runs.interrupts import StopRequest
 
@@ -76,9 +78,10 @@ def files(tmp_path_factory) -> list[str]:
     return paths
 
 
-def run(model, sources, **options):
+def run(model, sources, stop=None, names=None, **options):
     options = {"target_length": 128, "hop": 96, "batch_size": 3, **options}
-    return run_windows(model, sources, feature_head(model, keep=("clip", "frame")), **options)
+    head = feature_head(model, keep=("clip", "frame"))
+    return run_windows(model, sources, head, PipelineOptions(**options), stop=stop, names=names)
 
 
 def same(a, b) -> None:
@@ -167,10 +170,12 @@ def test_stop_requests_end_the_run_and_workers_leave_signals_to_it(model, files)
 def test_workers_exit_when_the_main_process_is_killed(files, tmp_path):
     code = (
         "import sys, torch\n"
+        "from sslam_core.inference.options import PipelineOptions\n"
         "from sslam_core.inference.pipeline import feature_head, run_windows\n"
         "from sslam_core.models.transformer import Encoder, preset\n"
         "m = Encoder(preset('tiny', depth=1)).eval()\n"
-        "for r in run_windows(m, sys.argv[1:] * 500, feature_head(m), target_length=128, workers=2):\n"
+        "o = PipelineOptions(target_length=128, workers=2)\n"
+        "for r in run_windows(m, sys.argv[1:] * 500, feature_head(m), o):\n"
         "    print('result', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, *files], stdout=subprocess.PIPE, text=True)

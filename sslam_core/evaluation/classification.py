@@ -28,6 +28,7 @@ from sslam_core.evaluation.metrics import (
     polyphony_report,
     roc_auc,
 )
+from sslam_core.inference.options import PipelineOptions, pipeline_options
 from sslam_core.inference.partition import my_share
 from sslam_core.inference.tagging import tag
 from sslam_core.runs import distributed
@@ -196,24 +197,24 @@ def _source(example, skipped: list[str]):
 def predict(
     model,
     data: LabelledSet,
+    options: PipelineOptions | None = None,
     *,
     multilabel: bool | None = None,
     labels: Sequence[tuple[str, str]] | None = None,
-    target_length: int = 1024,
-    hop: int | None = None,
     where: str = "checkpoint",
     progress: Callable[[str | None], None] | None = None,
     stop: Callable[[], bool] | None = None,
-    **run_options,
+    **overrides,
 ) -> Predictions:
     """Run a Classifier over every clip of `data` and keep the scores of the dataset's classes.
 
     `labels` are the model's (id, name) classes (default `model.labels`); `multilabel` picks sigmoid
-    or softmax scores (default: the data set's kind). `run_options` go to `run_windows` (batch_size,
-    workers, device, precision, normalization). Files that fail to decode are left out and listed in
-    `skipped`, clips listed without audio in `missing`; `progress(error_or_None)` is called once per
-    file. When `stop()` turns true (checked after each file) the run ends there and the predictions
-    of the files done so far are returned, with `complete` false.
+    or softmax scores (default: the data set's kind). `options` (or their fields as keywords) say how
+    the model runs (windows, batching, device, precision, normalization; see `PipelineOptions`).
+    Files that fail to decode are left out and listed in `skipped`, clips listed without audio in
+    `missing`; `progress(error_or_None)` is called once per file. When `stop()` turns true (checked
+    after each file) the run ends there and the predictions of the files done so far are returned,
+    with `complete` false.
 
     Under `torchrun` every rank calls this with the same arguments and predicts its share of the
     clips (`partition.my_share`); rank 0 gets everyone's predictions in dataset order (incomplete if
@@ -242,7 +243,7 @@ def predict(
         elif progress is not None:
             progress(skipped[-1])
     paths, scores, good = [], [], []
-    results = tag(model, sources, target_length=target_length, hop=hop, multilabel=multilabel, **run_options)
+    results = tag(model, sources, pipeline_options(options, **overrides), multilabel=multilabel)
     done = len(share) - len(sources)  # those skipped before decoding
     try:
         for row, res in zip(rows, results, strict=False):

@@ -44,6 +44,8 @@ from sslam_core.inference.events import (
     smoothed,
     tag_token_steps,
 )
+from sslam_core.inference.options import PipelineOptions
+from sslam_core.inference.tagging import tag
 
 EXTRA_HINT = "strong-label evaluation needs the sed extra: pip install 'sslam[sed]' (sed_scores_eval)"
 
@@ -154,20 +156,18 @@ def predict_events(
     keys: Sequence[str],
     labels: Sequence[tuple[str, str]],
     options: EventOptions,
+    pipeline: PipelineOptions,
     *,
     frame_scores: str = "window",
-    target_length: int,
-    hop: int,
     progress: Callable[[str | None], None] | None = None,
-    **run_options,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, FilePrediction], list[str]]:
     """({key: FilePrediction}, skip reasons): the events `sslam tag --events` finds in each source,
-    with the step scores they come from (`frame_scores` "window" or "token")."""
-    from sslam_core.inference.tagging import tag
-
+    with the step scores they come from (`frame_scores` "window" or "token"), the model run as
+    `pipeline` says."""
     tagger = tag_token_steps if frame_scores == "token" else tag
-    results = tagger(model, list(sources), target_length=target_length, hop=hop,
-                     multilabel=getattr(model, "multilabel", True), **run_options)  # fmt: skip
+    multilabel = getattr(model, "multilabel", True)
+    results = tagger(model, list(sources), pipeline, multilabel=multilabel, stop=stop)
     out, skipped = {}, []
     for key, res in zip(keys, results, strict=False):  # shorter when stopped
         if res.error is None:

@@ -14,13 +14,26 @@ from torch import nn
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND, PATCH_FRAMES
 from sslam_core.errors import OptionError
+from sslam_core.inference.options import PipelineOptions, pipeline_options
 from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
-from sslam_core.inference.pipeline import FileResult, Shifted, Source, feature_head, run_windows
+from sslam_core.inference.pipeline import feature_head, run_windows
+from sslam_core.inference.windows import FileResult, Shifted, Source
 from sslam_core.runs import distributed
 from sslam_core.runs.feature_store import FeatureStore, Record
 
 GRANULARITIES = ("clip", "frame", "patch")
 FRAME_HOPS = (0.16, 0.08, 0.04, 0.02, 0.01)  # 160 ms / 1, 2, 4, 8, 16 passes, in whole 10 ms frames
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """What an extraction keeps: `granularity` (clip, frame, patch or all), the block `layer` (1-based,
+    negative from the end, None = the last) and `frame_hop` (seconds between frame vectors, None =
+    one per 160 ms patch; see `frame_shifts`)."""
+
+    granularity: str = "clip"
+    layer: int | None = None
+    frame_hop: float | None = None
 
 
 def frame_shifts(frame_hop: float | None) -> list[int]:
@@ -38,17 +51,25 @@ def frame_shifts(frame_hop: float | None) -> list[int]:
 
 
 def _passes(
-    model: nn.Module, sources: Sequence[Source], layer, keep, shifts: list[int], **options
+    model: nn.Module,
+    sources: Sequence[Source],
+    features: FeatureOptions,
+    options: PipelineOptions,
+    stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Iterator[list[FileResult]]:
     """Each source's results from every shifted pass (the first unshifted), file by file in order."""
+    keep = granularities(features.granularity)
     streams = [
         run_windows(
             model,
             [Shifted(s, k) for s in sources] if k else sources,
-            feature_head(model, layer, keep if not k else ("clip", "frame")),
-            **options,
+            feature_head(model, features.layer, keep if not k else ("clip", "frame")),
+            options,
+            stop=stop,
+            names=names,
         )
-        for k in shifts
+        for k in frame_shifts(features.frame_hop)
     ]
     yield from zip(*streams, strict=False)  # shorter when stopped
 
@@ -139,20 +160,16 @@ def extract_to_h5(
     sources: Sequence[str],
     names: Sequence[str],
     out: str | Path,
+    options: PipelineOptions,
+    features: FeatureOptions,
     *,
     settings: dict,
-    granularity: str = "clip",
-    layer: int | None = None,
-    target_length: int = 1024,
-    hop: int | None = None,
     resume: bool = False,
-    on_file: Callable[[Record], None] | None = None,
-    on_share: Callable[[int], None] | None = None,
+    compression: str = "none",
     flush_files: int = 256,
     stop: Callable[[], bool] | None = None,
-    frame_hop: float | None = None,
-    compression: str = "none",
-    **run_options,
+    on_file: Callable[[Record], None] | None = None,
+    on_share: Callable[[int], None] | None = None,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
 
@@ -160,9 +177,8 @@ def extract_to_h5(
     skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`;
     `on_share(n)` says how many files this torchrun rank runs. When
     `stop()` turns true the files finished so far go to the journal and the HDF5 file is not written
-    (`interrupted` in the summary); `resume=True` later finishes the rest. `frame_hop` (seconds, see
-    `frame_shifts`) gives frame vectors more often than every 160 ms; `compression` (none, gzip, lzf)
-    applies to the HDF5 datasets.
+    (`interrupted` in the summary); `resume=True` later finishes the rest. `features` say what is
+    kept (granularity, layer, frame hop); `compression` (none, gzip, lzf) applies to the HDF5 datasets.
 
     Under `torchrun` every rank calls this with the same arguments: each runs its share of the files
     not yet done (`partition.my_share`), and rank 0, once all have finished, merges the journal into
@@ -170,8 +186,8 @@ def extract_to_h5(
     rank stopped or killed leaves the output unwritten, to be finished with `resume=True` under any
     number of ranks.
     """
-    keep = granularities(granularity)
-    hop = hop or target_length
+    keep = granularities(features.granularity)
+    window, hop = options.target_length, options.window_hop
     store = FeatureStore(Path(out), settings, keep, resume=resume, flush_files=flush_files)
     done = store.done() if resume else set()
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]
@@ -179,22 +195,11 @@ def extract_to_h5(
     todo = todo[share.start : share.stop]
     if on_share is not None and distributed.get_world_size() > 1:
         on_share(len(todo))
-    shifts = frame_shifts(frame_hop)
-    results = _passes(
-        model,
-        [s for s, _ in todo],
-        layer,
-        keep,
-        shifts,
-        target_length=target_length,
-        hop=hop,
-        stop=stop,
-        names=[n for _, n in todo],
-        **run_options,
-    )
+    shifts = frame_shifts(features.frame_hop)
+    results = _passes(model, [s for s, _ in todo], features, options, stop, [n for _, n in todo])
     finished = 0
     for (_, name), passes in zip(todo, results, strict=False):  # shorter when stopped
-        rec = merge_shifted(_records(passes, name, target_length, hop, keep), shifts)
+        rec = merge_shifted(_records(passes, name, window, hop, keep), shifts)
         store.add(rec)
         finished += 1
         if on_file:
@@ -213,20 +218,21 @@ def extract_to_h5(
 def embed(
     model: nn.Module,
     sources: Sequence[Source],
+    options: PipelineOptions | None = None,
     *,
     granularity: str = "clip",
     layer: int | None = None,
-    target_length: int = 1024,
-    hop: int | None = None,
     frame_hop: float | None = None,
-    **run_options,
+    stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
+    **overrides,
 ) -> Iterator[Record]:
     """Features of each file path or (wave, sample_rate) pair, as numpy arrays in Records; frame
-    vectors every `frame_hop` seconds (default 0.16, see `frame_shifts`)."""
+    vectors every `frame_hop` seconds (default 0.16, see `frame_shifts`). `options` (or their fields
+    as keywords: `target_length=`, `hop=`, `batch_size=`, `device=`, ...) say how the model runs."""
+    o = pipeline_options(options, **overrides)
+    features = FeatureOptions(granularity, layer, frame_hop)
     keep = granularities(granularity)
-    hop = hop or target_length
     shifts = frame_shifts(frame_hop)
-    for passes in _passes(
-        model, sources, layer, keep, shifts, target_length=target_length, hop=hop, **run_options
-    ):
-        yield merge_shifted(_records(passes, passes[0].path, target_length, hop, keep), shifts)
+    for passes in _passes(model, sources, features, o, stop, names):
+        yield merge_shifted(_records(passes, passes[0].path, o.target_length, o.window_hop, keep), shifts)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,8 @@ from torch import Tensor
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND, STEP_SECONDS
 from sslam_core.errors import OptionError
+from sslam_core.inference.options import PipelineOptions, pipeline_options
+from sslam_core.inference.pipeline import run_windows
 from sslam_core.inference.tagging import TagResult
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
 
@@ -137,17 +139,20 @@ def _token_head(model: Classifier, multilabel: bool):
 
 
 def tag_token_steps(
-    model: Classifier, sources, *, target_length: int, hop: int | None = None, multilabel: bool = True,
-    **run_options,
-):  # fmt: skip
+    model: Classifier,
+    sources,
+    options: PipelineOptions | None = None,
+    *,
+    multilabel: bool = True,
+    stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
+    **overrides,
+):
     """`tagging.tag` with token frame scores: yields StepTagResults (clip scores and window segments as
     `tagging.tag` gives them, plus `steps`); `check_token_scores` says whether `model` can."""
-    from sslam_core.inference.pipeline import run_windows
-
-    hop = hop or target_length
-    results = run_windows(
-        model, sources, _token_head(model, multilabel), target_length=target_length, hop=hop, **run_options
-    )
+    o = pipeline_options(options, **overrides)
+    target_length = o.target_length
+    results = run_windows(model, sources, _token_head(model, multilabel), o, stop=stop, names=names)
     for res in results:
         if res.error is not None:
             yield StepTagResult(res.path, error=res.error)

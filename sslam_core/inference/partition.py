@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sslam_core.audio.decode import audio_info
 from sslam_core.audio.files import AudioFile, AudioSource
-from sslam_core.inference.pipeline import Shifted, Source
+from sslam_core.inference.windows import Shifted, Source
 from sslam_core.runs import distributed
 from sslam_core.runs.outputs import write_text
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sslam_core.audio.constants import FRAMES_PER_SECOND
 from sslam_core.errors import OptionError
-from sslam_core.inference.pipeline import Source, logits_head, run_windows
+from sslam_core.inference.options import PipelineOptions, pipeline_options
+from sslam_core.inference.pipeline import logits_head, run_windows
+from sslam_core.inference.windows import Source
 from sslam_core.models.transformer import Classifier
 
 
@@ -35,19 +37,20 @@ class TagResult:
 def tag(
     model: Classifier,
     sources: Sequence[Source],
+    options: PipelineOptions | None = None,
     *,
-    target_length: int = 1024,
-    hop: int | None = None,
     multilabel: bool = True,
-    **run_options,
+    stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
+    **overrides,
 ) -> Iterator[TagResult]:
-    """Tag each file path or (wave, sample_rate) pair; windows of `target_length` frames every `hop`."""
+    """Tag each file path or (wave, sample_rate) pair: windows of `target_length` frames every `hop`,
+    and the other `options` (or their fields as keywords: `target_length=`, `batch_size=`, ...)."""
     if not isinstance(model, Classifier):
         raise OptionError("tagging needs a fine-tuned checkpoint (one with a classification head)")
-    hop = hop or target_length
-    results = run_windows(
-        model, sources, logits_head(model, multilabel), target_length=target_length, hop=hop, **run_options
-    )
+    o = pipeline_options(options, **overrides)
+    target_length = o.target_length
+    results = run_windows(model, sources, logits_head(model, multilabel), o, stop=stop, names=names)
     for res in results:
         if res.error is not None:
             yield TagResult(res.path, error=res.error)
