@@ -1,4 +1,4 @@
-"""`sslam extract`: embeddings of audio files to one HDF5 file (layout in the README)."""
+"""`sslam extract`: embeddings of audio files to one HDF5 file (layout in docs/guides/outputs.md)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def extract(
     """Extract clip, per-time-step or patch embeddings of any layer to HDF5.
 
     Under `torchrun` each process takes a share of the files balanced by duration and rank 0 merges
-    them into the same file one process would write (see the README's "Large corpora")."""
+    them into the same file one process would write (see docs/guides/large-corpora.md)."""
     import sslam_core
     from sslam_core.data.inputs import collect_inputs
     from sslam_core.inference.embeddings import FeatureOptions, extract_to_h5, frame_shifts, granularities

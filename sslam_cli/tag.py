@@ -126,7 +126,7 @@ def tag(
     """Tag audio. The clip score of each class is its maximum over the windows of the file.
 
     Under `torchrun` each process tags a share of the files balanced by duration, and rank 0 writes
-    all results in input order once every rank has finished (see the README's "Large corpora")."""
+    all results in input order once every rank has finished (see docs/guides/large-corpora.md)."""
     from sslam_core.data.inputs import collect_inputs
     from sslam_core.data.labels import read_label_csv
     from sslam_core.inference.events import EVENT_FORMATS

@@ -11,7 +11,8 @@ from sslam_core.data.labels import audioset_labels
 from sslam_core.errors import SslamError
 
 # Found by folder search (in this order of preference when one clip exists in several formats): the
-# formats the README lists; the rarer ones audio.py can decode are taken when named explicitly.
+# formats the docs list (docs/guides/inputs.md); the rarer ones audio.decode reads are taken when
+# named explicitly.
 AUDIO_EXTENSIONS = (
     ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".webm", ".aif", ".aiff",
 )  # fmt: skip

@@ -1,10 +1,11 @@
 """Inference precision: what `--precision auto` picks on this machine, and the CPU capability it reads.
 
-`auto` means the fastest precision whose fidelity to fp32 the README documents for the hardware:
+`auto` means the fastest precision whose fidelity to fp32 the docs record for the hardware:
 - CUDA: bf16 autocast where the GPU computes bf16, else fp32;
 - CPU: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16; elsewhere
   bf16 is emulated and several times slower than fp32), else fp32. int8 (ONNX Runtime) is never
-  chosen by `auto`: it is asked for with `--precision int8` (see the README's fidelity table).
+  chosen by `auto`: it is asked for with `--precision int8` (see the fidelity table in
+  docs/guides/cpu-deployment.md).
 
 The CPU's features come from `torch.cpu.get_capabilities()` where torch has it, else from the flags of
 /proc/cpuinfo; `SSLAM_CPU_CAPABILITY` overrides both (tests, or a CPU the detection gets wrong): a
