@@ -1,48 +1,21 @@
-"""`sslam finetune`: fine-tune or linear-probe a checkpoint on a labelled audio set."""
+"""`sslam finetune`: fine-tune or linear-probe a checkpoint on a labelled audio set.
+
+The flags (those given, over a `--config` file) become `finetune_run.FinetuneSettings`; the library
+resolves them and sets up and trains the run.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
 
-from sslam_cli.options import check_precision, fail, finish, note, parse_folds, parse_norm, pick_device
+from sslam_cli.options import fail, finish
 from sslam_core.errors import SslamError
 
 
-def _read_sets(data, valid, valid_fraction, audio_dir, folds, valid_folds, multilabel, seed, saved_split):
-    """Training and validation LabelledSets from the options (validation uses the training classes), and
-    the split record of --valid-fraction (`saved_split` on resume, else a new seeded split)."""
-    from dataclasses import replace
-
-    from sslam_core.data.datasets import read_labelled, split_examples
-    from sslam_core.training.finetuning import apply_split, split_record
-
-    train_set = read_labelled(data, audio_dir, folds=folds or None, multilabel=multilabel)
-    for name in train_set.missing[:1]:
-        note(f"note: {len(train_set.missing)} listed clip(s) have no audio (e.g. {name})")
-    if valid is not None or valid_folds:
-        valid_set = read_labelled(
-            valid or data,
-            audio_dir,
-            classes=train_set,
-            folds=valid_folds or None,
-            multilabel=train_set.multilabel,
-        )
-    elif saved_split is not None:  # resume: the split the run was started on
-        train_set, valid_set = apply_split(train_set, saved_split)
-        return train_set, valid_set, saved_split
-    elif valid_fraction:
-        kept, held = split_examples(train_set.examples, valid_fraction, seed)
-        train_set, valid_set = replace(train_set, examples=kept), replace(train_set, examples=held)
-        return train_set, valid_set, split_record(train_set, valid_set, valid_fraction, seed)
-    else:
-        valid_set = None
-    return train_set, valid_set, None
-
-
 def finetune(
+    ctx: typer.Context,
     *,
     data: Annotated[
         str, typer.Option("--data", help="Training set: folder with labels.csv, .csv/.tsv or manifest.")
@@ -53,7 +26,7 @@ def finetune(
             "--checkpoint", "-c", help="Pre-trained or fine-tuned checkpoint (file, folder, run dir, hub id)."
         ),
     ] = None,
-    out_dir: Annotated[
+    output: Annotated[
         str, typer.Option("--output", "-o", help="Run folder (model.safetensors, metrics, state).")
     ],
     valid: Annotated[str, typer.Option("--valid", help="Validation set, same formats as --data.")] = None,
@@ -135,99 +108,35 @@ def finetune(
             "--overwrite", help="Replace a run already in --output (its files are removed) [off: refuse]."
         ),
     ] = False,
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", help="JSON file of settings (flag names as keys), or a run's config.json; flags win."
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr (errors still) [off].")
     ] = False,
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
-    from sslam_core.models.loading import read_checkpoint
-    from sslam_core.models.transformer import preset
     from sslam_core.runs import distributed
-    from sslam_core.training.finetuning import (
-        FinetuneConfig,
-        FinetuneTask,
-        default_steps,
-        read_split,
-        recipe,
+    from sslam_core.training.finetune_run import (
+        SETTING_NAMES,
+        read_config_file,
+        resolve_settings,
+        setup_finetuning,
     )
-    from sslam_core.training.finetuning import finetune as run
-    from sslam_core.training.trainer import check_run_folder, fit_batch_size
 
-    if steps is not None and epochs is not None:
-        fail("give --steps or --epochs, not both")
-    if (checkpoint is None) == (model is None):
-        fail("give --checkpoint, or --model PRESET for a randomly initialised baseline")
-    if valid is not None and valid_fraction:
-        fail("give --valid or --valid-fraction, not both")
-    check_run_folder(out_dir, resume, overwrite)
-    dev = pick_device(device)
-    train_precision = check_precision(precision, dev) if dev.type == "cuda" else "fp32"
+    flags = {  # the flags given (by name: typer's click is its own copy), over the --config file
+        name: value
+        for name, value in ctx.params.items()
+        if name in SETTING_NAMES and ctx.get_parameter_source(name).name != "DEFAULT"
+    }
+    settings = resolve_settings(read_config_file(config) if config else {}, flags)
+    run = setup_finetuning(settings, resume=resume, overwrite=overwrite, progress=not quiet)
     try:
-        ckpt = read_checkpoint(checkpoint) if checkpoint else None
-        model_config = None if ckpt else preset(model)
-        train_set, valid_set, split = _read_sets(
-            data,
-            valid,
-            valid_fraction,
-            audio_dir,
-            parse_folds(folds),
-            parse_folds(valid_folds, "--valid-folds"),
-            multilabel,
-            seed,
-            read_split(out_dir) if resume else None,
-        )
-        world, main = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
-        fitted = fit_batch_size(batch_size, len(train_set), world)
-        if fitted < batch_size and main:
-            note(f"note: --batch-size {batch_size} is more than {len(train_set)} clips allow; using {fitted}")
-        batch_size = fitted
-        config = FinetuneConfig(
-            target_length=target_length,
-            batch_size=batch_size,
-            linear=linear,
-            pool=pool,
-            drop_path=drop_path,
-            mixup=mixup,
-            specaugment=specaugment,
-            roll=roll,
-            label_smoothing=label_smoothing,
-            weighted_sampling=weighted_sampling,
-            norm=parse_norm(norm, ckpt.normalization if ckpt else None),
-            workers=workers,
-            precision=train_precision,
-        )
-        total = steps or default_steps(linear, len(train_set), batch_size, world, epochs)
-        task = FinetuneTask(train_set, valid_set, ckpt, config, seed=seed, model_config=model_config)
-        train_config = recipe(
-            linear,
-            total,
-            task.multilabel,
-            out_dir,
-            lr=lr,
-            warmup=warmup,
-            layer_decay=None if linear else layer_decay,
-            save_every=save_every,
-            seed=seed,
-            precision=train_precision,
-            device=str(dev) if device != "auto" else "auto",
-            progress=not quiet,
-        )
-    except ValueError as e:  # not an SslamError: a setting torch or the data refused
-        fail(str(e))
-    kind = "multi-label" if task.multilabel else "multi-class"
-    if main and not quiet:
-        note(
-            f"{'linear probe' if linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} "
-            f"classes ({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; "
-            f"init: {task.init}"
-        )
-    sources = dict(
-        data=data, valid=valid, audio_dir=audio_dir, folds=folds, valid_folds=valid_folds,
-        valid_fraction=valid_fraction, checkpoint=checkpoint, model=model,
-    )  # fmt: skip
-    try:
-        summary = run(task, train_config, resume=resume, overwrite=overwrite, data=sources, split=split)
+        summary = run.train()
         rank = distributed.get_rank()
     except (SslamError, ValueError, OSError) as e:  # every rank leaves the group before the error line
         distributed.cleanup(sync=False)
@@ -239,13 +148,14 @@ def finetune(
         if "interrupted" in summary:
             raise typer.Exit(summary["exit_code"])
         return
+    task = run.task
     report = {
-        "task": "linear" if linear else "finetune",
+        "task": task.kind,
         "steps": summary["steps"],
         "steps_this_run": summary["steps_this_run"],
         "seconds": summary["seconds"],
-        "clips": len(train_set),
-        "valid_clips": len(valid_set) if valid_set else 0,
+        "clips": len(task.train_set),
+        "valid_clips": len(task.valid_set) if task.valid_set else 0,
         "classes": len(task.classes),
         "multilabel": task.multilabel,
         "loss": summary["last"].get("loss"),

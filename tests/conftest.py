@@ -1,14 +1,82 @@
-"""Shared test helpers: a real small file system for the full-disk and read-only tests."""
+"""Shared test helpers: the fixture paths, one in-process and one subprocess runner of the `sslam`
+command, a free port, real child processes, and a real small file system for full-disk tests.
+
+Markers: `slow` (a test of more than a few seconds on the 2-core CI machine) and `distributed`
+(several processes under torchrun, or signals sent to real processes). `pytest -m "not slow and not
+distributed"` is the fast suite, about a minute; CI runs everything.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+DATA = TESTS / "data"  # real, licensed audio and label files (data/LICENSES.md)
+FIXTURES = TESTS / "fixtures"
+CHECKPOINTS = FIXTURES / "checkpoints"
+TINY_FINETUNED = str(CHECKPOINTS / "tiny_finetuned.pt")  # fairseq layout, 527 AudioSet classes
+TINY_PRETRAIN = str(CHECKPOINTS / "tiny_pretrain.pt")  # fairseq layout, student + EMA teacher + decoder
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CI machine")
+    config.addinivalue_line("markers", "distributed: several processes (torchrun) or real signals")
+
+
+def sslam(*args, code: int = 0, env: dict[str, str] | None = None):
+    """Run `sslam ARGS` in this process (click's runner); the exit status must be `code` and no
+    traceback may reach stderr. Returns the result (`.stdout`, `.stderr`, `.exit_code`)."""
+    from typer.testing import CliRunner
+
+    from sslam_cli.main import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def sslam_process(
+    *args,
+    check: int | None = 0,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    torchrun: int = 0,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """Run `python -m sslam_cli ARGS` as a real process (signals, exit statuses, stdout as a pipe), or
+    under `torchrun --nproc_per_node TORCHRUN`; with `check`, its exit status must be that."""
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        [*launcher, "-m", "sslam_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check is not None:
+        assert proc.returncode == check, proc.stderr[-3000:]
+    return proc
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

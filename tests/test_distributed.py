@@ -14,12 +14,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sslam_core.runs import distributed
+from sslam_core.training.task import TrainingTask
 from sslam_core.training.trainer import TrainConfig, train
 
 WORLD = 2
 
 
-class ShardedToyTask:
+class ShardedToyTask(TrainingTask):
     """Regression on fixed data; each rank reads its own slice of a per-epoch permutation."""
 
     def __init__(self):

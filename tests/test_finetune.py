@@ -32,6 +32,7 @@ from sslam_core.training.finetuning import (
     finetune,
     recipe,
 )
+from sslam_core.training.linear_probe import LinearProbeTask
 from sslam_core.training.optim import build_optimizer
 
 DATA = Path(__file__).parent / "data"
@@ -223,7 +224,7 @@ def test_multilabel_finetune_resumes_exactly_and_exports(tmp_path, poly, pretrai
 
 
 def test_linear_probe_trains_only_the_head(tmp_path, digits, pretrained):
-    task = FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
+    task = LinearProbeTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
     assert trainable == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
@@ -238,7 +239,7 @@ def test_linear_probe_trains_only_the_head(tmp_path, digits, pretrained):
 
 def test_linear_probe_state_holds_the_head_only_and_resumes_exactly(tmp_path, digits, pretrained):
     def task():
-        return FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
+        return LinearProbeTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
 
     whole = task()
     run(whole, tmp_path / "whole", 6, save_every=3)
@@ -253,7 +254,7 @@ def test_linear_probe_state_holds_the_head_only_and_resumes_exactly(tmp_path, di
 
 
 def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_path, digits, pretrained):
-    task = FinetuneTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
+    task = LinearProbeTask(digits, digits, pretrained, quick(linear=True, batch_size=6))
     run(task, tmp_path / "probe", 6, lr=1e-2)
     feats, _ = task.cached_features("train")
     mean, std = task.probe_statistics()
@@ -266,7 +267,7 @@ def test_probe_standardises_features_and_folds_that_into_the_exported_head(tmp_p
 
 
 def test_fold_standardization_is_exact():
-    from sslam_core.training.finetuning import fold_standardization
+    from sslam_core.training.linear_probe import fold_standardization
 
     g = gen(1)
     w, b = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
@@ -302,6 +303,69 @@ def test_cli_result_tags_with_its_own_labels(tmp_path, pretrained):
         app, ["finetune", "--data", str(DATA / "nowhere"), "--model", "tiny", "-o", str(tmp_path / "new")]
     )
     assert bad.exit_code == 2 and "nowhere" in bad.output and not (tmp_path / "new").exists()
+
+
+def test_config_file_sets_the_flags_and_a_run_config_repeats_the_run(tmp_path, pretrained):
+    """`--config FILE`: flag names as keys (`-` or `_`), explicit flags win; a run's config.json gives the
+    settings that run was given, so the repeat trains the same weights; unknown keys are one error line."""
+    from sslam_cli.main import app
+
+    runner = CliRunner()
+    data = ["--data", str(DATA / "fsdd_mini")]
+    settings = tmp_path / "ft.json"
+    settings.write_text(json.dumps({
+        "checkpoint": str(pretrained), "steps": 5, "batch-size": 4, "target_length": 64, "workers": 0,
+        "device": "cpu", "valid-fraction": 0.25, "seed": 1, "lr": 1e-3, "no_such": None,
+    }))  # fmt: skip
+    r = runner.invoke(app, ["finetune", *data, "-o", str(tmp_path / "x"), "--config", str(settings)])
+    assert r.exit_code == 2 and r.stderr == f"error: {settings}: unknown settings no_such\n"
+    assert not (tmp_path / "x").exists()
+    settings.write_text(settings.read_text().replace(', "no_such": null', ""))
+    a = tmp_path / "a"
+    r = runner.invoke(app, ["finetune", *data, "-o", str(a), "--config", str(settings), "--steps", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[-1])["steps"] == 2  # the flag wins over the file's 5
+    config = json.loads((a / "config.json").read_text())
+    assert (config["batch_size"], config["lr"], config["seed"], config["valid_clips"]) == (4, 1e-3, 1, 3)
+    assert config["settings"]["steps"] == 2 and config["settings"]["checkpoint"] == str(pretrained)
+
+    b = tmp_path / "b"
+    r = runner.invoke(app, ["finetune", *data, "-o", str(b), "--config", str(a / "config.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    again = json.loads((b / "config.json").read_text())
+    assert {k: v for k, v in again["settings"].items() if k != "output"} == {
+        k: v for k, v in config["settings"].items() if k != "output"
+    }
+    first, second = read_checkpoint(a), read_checkpoint(b)
+    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+
+    settings.write_text(json.dumps({"steps": "2"}))
+    r = runner.invoke(app, ["finetune", *data, "-o", str(tmp_path / "x"), "--config", str(settings)])
+    assert r.exit_code == 2 and r.stderr == f"error: {settings}: steps must be int | None, got '2'\n"
+
+
+def test_cli_defaults_are_the_library_settings_defaults():
+    import inspect
+
+    from sslam_cli.finetune import finetune as command
+    from sslam_core.training.finetune_run import SETTING_NAMES, FinetuneSettings
+
+    params, defaults = inspect.signature(command).parameters, FinetuneSettings()
+    for name in SETTING_NAMES:  # every setting is a flag of the same name, with the same default
+        if params[name].default is not inspect.Parameter.empty:
+            assert params[name].default == getattr(defaults, name), name
+
+
+def test_each_task_takes_its_own_kind_of_config(digits, pretrained):
+    from sslam_core.training.finetune_run import classifier_task
+    from sslam_core.training.finetuning import FinetuneError
+
+    with pytest.raises(FinetuneError, match="a linear probe is a LinearProbeTask"):
+        FinetuneTask(digits, None, pretrained, quick(linear=True))
+    with pytest.raises(FinetuneError, match="full fine-tuning a FinetuneTask"):
+        LinearProbeTask(digits, None, pretrained, quick())
+    assert isinstance(classifier_task(digits, None, pretrained, quick(linear=True)), LinearProbeTask)
+    assert type(classifier_task(digits, None, pretrained, quick())) is FinetuneTask
 
 
 def test_default_steps_give_small_linear_probes_enough_updates():

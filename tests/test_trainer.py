@@ -12,10 +12,11 @@ from torch import nn
 
 from sslam_core.models.transformer import Classifier, Encoder, ModelConfig
 from sslam_core.training.optim import build_optimizer, cosine_schedule, layer_id, param_groups, set_lr
+from sslam_core.training.task import TrainingTask
 from sslam_core.training.trainer import TrainConfig, train
 
 
-class ToyTask:
+class ToyTask(TrainingTask):
     """Regression on fixed random data; uses dropout (global RNG) and input noise (the loss generator)."""
 
     def __init__(self, batch_size=4, clips=24, dropout=0.1, noise=0.01, hidden=16, crash_at=None):
@@ -166,7 +167,16 @@ def test_bad_precision_is_rejected(tmp_path):
         train(ToyTask(), config(tmp_path, precision="fp8"))
 
 
-class TinyPretrainTask:
+def test_a_task_is_a_training_task(tmp_path):
+    class Loose:  # the loop calls the optional members too: a task derives from TrainingTask
+        model = nn.Linear(2, 1)
+
+    with pytest.raises(TypeError, match="TrainingTask"):
+        train(Loose(), config(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+class TinyPretrainTask(TrainingTask):
     """The real objective and data path at toy size: EAT stage 1 on two-second real clips."""
 
     def __init__(self, frames=256):
@@ -183,7 +193,10 @@ class TinyPretrainTask:
         clips = sorted(str(p) for p in (data / "polydigits" / "audio").glob("*.wav")) + [
             str(data / "real_32k.wav")
         ]
-        self.batches = AudioBatches(WaveformDataset(clips, target_length=frames), batch_size=2)
+        self.loader = AudioBatches(WaveformDataset(clips, target_length=frames), batch_size=2)
+
+    def batches(self, epoch_seed, rank, world_size, start_position):
+        return self.loader(epoch_seed, rank, world_size, start_position)
 
     def loss(self, batch, generator):
         out = self.model(batch["source"], generator)

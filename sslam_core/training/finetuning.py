@@ -1,12 +1,11 @@
-"""Fine-tuning and linear probing of a classifier on a labelled audio set, through the shared trainer.
+"""Fine-tuning of a classifier on a labelled audio set, through the shared trainer.
 
-`FinetuneTask` follows the task contract of `trainer`: it owns the Classifier (initialised from
-a pre-trained or fine-tuned checkpoint, or at random for baselines), the labelled batches, the
-augmentation (mixup, SpecAugment, roll; `sslam_core.data.augment`), the loss (BCE with logits for multi-label,
-label-smoothed cross-entropy for multi-class), the validation metric (mAP or accuracy) and the export
-`sslam tag` / `sslam extract` load. With `linear=True` the encoder is frozen and its pooled features
-are computed once, so each epoch only trains fc_norm + head, on features standardised with the training
-set's statistics (folded into the head at export, so the result is still fc_norm + Linear).
+`FinetuneTask` follows the trainer's task contract (`TrainingTask`): it owns the Classifier (initialised
+from a pre-trained or fine-tuned checkpoint, or at random for baselines), the labelled batches, the
+augmentation (mixup, SpecAugment, roll; `sslam_core.data.augment`), the loss (BCE with logits for
+multi-label, label-smoothed cross-entropy for multi-class), the validation metric (mAP or accuracy) and the
+export `sslam tag` / `sslam extract` load. The linear probe (`linear_probe.LinearProbeTask`) shares all
+but the data, the forward pass and the export through the small base `ClassifierTask`.
 
 Spec §5 recipe as defaults: layer-wise lr decay 0.65, drop-path 0.1, Adam (0.9, 0.95), weight decay 0.05,
 cosine schedule to 1e-6 after a 10 % warm-up; mixup and weighted sampling for multi-label data; label
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
@@ -30,13 +29,14 @@ from torch import Tensor
 from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
 from sslam_core.data.datasets import Example, LabelledSet
-from sslam_core.data.training_clips import AudioBatches, WaveformDataset, shard_indices
+from sslam_core.data.training_clips import AudioBatches, WaveformDataset
 from sslam_core.errors import SslamError
 from sslam_core.evaluation.metrics import multiclass_report, multilabel_report
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import Classifier, ModelConfig
+from sslam_core.training.task import TrainingTask
 from sslam_core.training.trainer import TrainConfig, train
 
 FULL_LR, LINEAR_LR = 5e-5, 1e-3
@@ -127,23 +127,6 @@ def _target_rows(data: LabelledSet) -> list[np.ndarray]:
     return list(data.targets())
 
 
-def feature_statistics(features: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and std of layer-normalised (no affine) probe features.
-
-    The linear probe standardises fc_norm's output with them before the head (MAE's BatchNorm without
-    affine): frozen CLS features can vary across clips by a few percent of their size, which a head
-    trained with Adam from a tiny init cannot otherwise resolve. Folded into the head at export.
-    """
-    z = F.layer_norm(features.float(), features.shape[-1:], eps=eps)
-    return z.mean(dim=0), z.std(dim=0).clamp_min(1e-6)
-
-
-def fold_standardization(weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """head((z - mean) / std) as one Linear on z: W / std and b - (W / std) @ mean."""
-    folded = weight / std[None, :]
-    return folded, bias - folded @ mean
-
-
 def classification_loss(logits: Tensor, target: Tensor, multilabel: bool, label_smoothing: float) -> Tensor:
     """BCE with logits (multi-label) or cross-entropy against smoothed soft targets (multi-class)."""
     logits = logits.float()
@@ -162,8 +145,16 @@ def scores_report(scores: np.ndarray, targets: np.ndarray, multilabel: bool) -> 
     return {"accuracy": r["accuracy"], "top5": r["top5"], "n_clips": r["n_clips"]}
 
 
-class FinetuneTask:
-    """Fine-tuning (or linear probing) of a Classifier on a LabelledSet; see the module docstring."""
+class ClassifierTask(TrainingTask):
+    """What full fine-tuning and the linear probe share: the checks on the data, the Classifier and how it
+    was initialised, the normalisation, the loss, validation (mAP or accuracy) and the export.
+
+    A subclass gives its `kind` and `linear` (recorded in config.json and the checkpoint), `batches`,
+    `logits_and_targets` and `validation_scores`, and may change `build_model` and `exported_state`.
+    """
+
+    kind: str = ""  # the run's "task" in config.json and in the command's summary
+    linear: bool = False  # the FinetuneConfig.linear this task runs
 
     def __init__(
         self,
@@ -174,6 +165,11 @@ class FinetuneTask:
         seed: int = 0,
         model_config: ModelConfig | None = None,
     ):
+        if config.linear != self.linear:
+            raise FinetuneError(
+                f"FinetuneConfig(linear={config.linear}) does not fit {type(self).__name__}: "
+                "a linear probe is a LinearProbeTask, full fine-tuning a FinetuneTask"
+            )
         if len(train_set) == 0:
             raise FinetuneError("the training set has no clips with audio")
         if valid_set is not None and list(valid_set.classes) != list(train_set.classes):
@@ -192,28 +188,19 @@ class FinetuneTask:
         self.classes = list(train_set.classes)
         self.multilabel = train_set.multilabel
         self.norm = resolve_norm(config.norm, ckpt)
-        drop_path = 0.0 if config.linear else config.drop_path
-        self.model, self.init = build_classifier(
-            ckpt, self.classes, drop_path, seed, model_config, config.pool
-        )
+        self.model, self.init = self.build_model(ckpt, seed, model_config)
         self.source = ckpt.source if ckpt is not None else "random"
         self.best_metric = "mAP" if self.multilabel else "accuracy"
-        mix = self.multilabel if config.mixup is None else config.mixup
-        self.augment = AugmentConfig(
-            mix, config.mixup_alpha, config.mixup_prob, config.specaugment, roll=config.roll
-        )
         self.weighted = self.multilabel if config.weighted_sampling is None else config.weighted_sampling
-        self.find_unused_parameters = False
-        self.constant_state: tuple[str, ...] = ()
-        if config.linear:
-            for p in self.model.encoder.parameters():
-                p.requires_grad_(False)
-            self.constant_state = ("encoder.",)
-        self._batches: AudioBatches | None = None
-        self._features: dict[str, tuple[Tensor, Tensor]] = {}
-        self._standardize: tuple[Tensor, Tensor] | None = None
+        self.augment: AugmentConfig | None = None  # what full fine-tuning applies to its batches
 
-    # -- data ------------------------------------------------------------------------------------------
+    def build_model(
+        self, checkpoint: Checkpoint | None, seed: int, model_config: ModelConfig | None
+    ) -> tuple[Classifier, str]:
+        """The Classifier to train and how it was initialised (see `build_classifier`)."""
+        return build_classifier(
+            checkpoint, self.classes, self.config.drop_path, seed, model_config, self.config.pool
+        )
 
     @property
     def device(self) -> torch.device:
@@ -221,6 +208,71 @@ class FinetuneTask:
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
         return len(self.train_set) // world_size // self.config.batch_size
+
+    @abstractmethod
+    def logits_and_targets(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Logits (B, C) of a training batch and its targets (B, C), both after any augmentation."""
+
+    @abstractmethod
+    def validation_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (N, C) and targets (N, C) of the readable clips of the validation set."""
+
+    def loss(self, batch: dict, generator: torch.Generator) -> dict:
+        """BCE with logits (multi-label) or label-smoothed cross-entropy (multi-class)."""
+        logits, target = self.logits_and_targets(batch, generator)
+        smoothing = 0.0 if self.multilabel else self.config.label_smoothing
+        return {"loss": classification_loss(logits, target, self.multilabel, smoothing)}
+
+    def evaluate(self) -> dict:
+        """Validation mAP / accuracy of the current weights ({} without a validation set)."""
+        if self.valid_set is None:
+            return {}
+        return scores_report(*self.validation_scores(), self.multilabel)
+
+    def exported_state(self) -> dict[str, Tensor]:
+        """The weights the exported checkpoint holds, on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def export(self, path: str | os.PathLike) -> None:
+        """Our checkpoint format with the dataset's labels, normalisation and task settings."""
+        extra = {
+            "multilabel": self.multilabel,
+            "target_length": self.config.target_length,
+            "linear": self.linear,
+            "init": self.init,
+            "init_checkpoint": self.source,
+        }
+        save_checkpoint(
+            path,
+            self.model.cfg,
+            self.exported_state(),
+            labels=self.classes,
+            normalization=self.norm,
+            extra=extra,
+        )
+
+
+class FinetuneTask(ClassifierTask):
+    """Full fine-tuning of a Classifier on a LabelledSet: audio batches (fbank on the device), mixup,
+    SpecAugment and roll, validation windowed as `sslam tag` does; see the module docstring."""
+
+    kind, linear = "finetune", False
+
+    def __init__(
+        self,
+        train_set: LabelledSet,
+        valid_set: LabelledSet | None,
+        checkpoint: str | os.PathLike | Checkpoint | None,
+        config: FinetuneConfig,
+        seed: int = 0,
+        model_config: ModelConfig | None = None,
+    ):
+        super().__init__(train_set, valid_set, checkpoint, config, seed, model_config)
+        mix = self.multilabel if config.mixup is None else config.mixup
+        self.augment = AugmentConfig(
+            mix, config.mixup_alpha, config.mixup_prob, config.specaugment, roll=config.roll
+        )
+        self._batches: AudioBatches | None = None
 
     def _audio_batches(self) -> AudioBatches:
         if self._batches is None:
@@ -238,86 +290,14 @@ class FinetuneTask:
             )
         return self._batches
 
-    def cached_features(self, which: str) -> tuple[Tensor, Tensor]:
-        """Frozen-encoder pooled features (N, D) (CLS, or mean patch token) and targets (N, C) of 'train'
-        or 'valid', computed once; for files of several windows, the mean over windows."""
-        if which not in self._features:
-            from sslam_core.inference.embeddings import embed
-
-            data = self.train_set if which == "train" else self.valid_set
-            was_training = self.model.training
-            self.model.eval()
-            mean_pool = self.model.cfg.pool == "mean"
-            records = embed(
-                self.model.encoder,
-                [e.path for e in data.examples],
-                granularity="patch" if mean_pool else "clip",
-                target_length=self.config.target_length,
-                batch_size=self.config.eval_batch_size,
-                workers=self.config.workers,
-                device=self.device,
-                precision=self.config.precision,
-                normalization=self.norm,
-            )
-            feats, keep = [], []
-            for i, rec in enumerate(records):
-                if rec.error is not None:
-                    warnings.warn(f"{rec.error}; left out of the {which} set", stacklevel=2)
-                    continue
-                feats.append(torch.from_numpy(rec.patch.mean(axis=0) if mean_pool else rec.clip))
-                keep.append(i)
-            self.model.train(was_training)
-            if not feats:
-                raise FinetuneError(f"no readable audio in the {which} set")
-            targets = torch.from_numpy(data.targets()[keep])
-            self._features[which] = (torch.stack(feats).to(self.device), targets.to(self.device))
-            if which == "train":
-                self._standardize = feature_statistics(self._features["train"][0], self.model.fc_norm.eps)
-        return self._features[which]
-
-    def probe_statistics(self) -> tuple[Tensor, Tensor]:
-        """Mean and std that standardise the probe's input, from the training features (cached)."""
-        if self._standardize is None:
-            self.cached_features("train")
-        return self._standardize
-
-    def probe_logits(self, features: Tensor) -> Tensor:
-        """Linear probe: head(standardise(fc_norm(features))), the statistics from the training features."""
-        mean, std = self.probe_statistics()
-        return self.model.head((self.model.fc_norm(features) - mean) / std)
-
     def batches(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[dict]:
-        """Audio batches (full fine-tuning) or batches of cached CLS features (linear probe)."""
-        if not self.config.linear:
-            yield from self._audio_batches()(epoch_seed, rank, world_size, start_position)
-            return
-        feats, targets = self.cached_features("train")
-        if self.weighted:
-            from sslam_core.data.augment import weighted_draw
+        """Audio batches of random crops (weighted draws for multi-label data), fbank on the device."""
+        yield from self._audio_batches()(epoch_seed, rank, world_size, start_position)
 
-            drawn = weighted_draw(sample_weights(targets.cpu().numpy()), len(feats), epoch_seed)
-            per_rank = len(drawn) // world_size
-            order = drawn[rank * per_rank : (rank + 1) * per_rank].tolist()
-        else:
-            order = shard_indices(len(feats), epoch_seed, rank, world_size)
-        size = self.config.batch_size
-        if len(order) < size:
-            raise FinetuneError(f"{len(feats)} clips too few for batches of {size} on {world_size} rank(s)")
-        for b in range(start_position, len(order) // size):
-            index = torch.tensor(order[b * size : (b + 1) * size], device=feats.device)
-            yield {"features": feats[index], "label": targets[index], "index": index}
-
-    # -- training --------------------------------------------------------------------------------------
-
-    def loss(self, batch: dict, generator: torch.Generator) -> dict:
-        target = batch["label"].float()
-        if self.config.linear:
-            logits = self.probe_logits(batch["features"])
-        else:
-            source, target = augment(batch["source"], target, generator, self.augment)
-            logits = self.model(source)
-        smoothing = 0.0 if self.multilabel else self.config.label_smoothing
-        return {"loss": classification_loss(logits, target, self.multilabel, smoothing)}
+    def logits_and_targets(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The augmented batch (mixup mixes the targets too) through the whole Classifier."""
+        source, target = augment(batch["source"], batch["label"].float(), generator, self.augment)
+        return self.model(source), target
 
     def predict(self, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
         """Scores (N, C) and targets (N, C) of the readable clips of `data` (windowing as `sslam tag`)."""
@@ -343,41 +323,8 @@ class FinetuneTask:
         return np.stack(scores), data.targets()[keep]
 
     def validation_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (N, C) and targets (N, C) of the validation set: cached features through the probe,
-        or windowed like `sslam tag` after full fine-tuning."""
-        if not self.config.linear:
-            return self.predict(self.valid_set)
-        self.model.eval()
-        feats, targets = self.cached_features("valid")
-        with torch.no_grad():
-            logits = self.probe_logits(feats).float()
-        probs = logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
-        return probs.cpu().numpy(), targets.cpu().numpy()
-
-    def evaluate(self) -> dict:
-        """Validation mAP / accuracy of the current weights ({} without a validation set)."""
-        if self.valid_set is None:
-            return {}
-        return scores_report(*self.validation_scores(), self.multilabel)
-
-    def export(self, path: str | os.PathLike) -> None:
-        """Our checkpoint format with the dataset's labels, normalisation and task settings."""
-        extra = {
-            "multilabel": self.multilabel,
-            "target_length": self.config.target_length,
-            "linear": self.config.linear,
-            "init": self.init,
-            "init_checkpoint": self.source,
-        }
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if self.config.linear:
-            mean, std = (t.detach().cpu() for t in self.probe_statistics())
-            state["head.weight"], state["head.bias"] = fold_standardization(
-                state["head.weight"], state["head.bias"], mean, std
-            )
-        save_checkpoint(
-            path, self.model.cfg, state, labels=self.classes, normalization=self.norm, extra=extra
-        )
+        """The validation set windowed like `sslam tag`."""
+        return self.predict(self.valid_set)
 
 
 def recipe(
@@ -466,22 +413,26 @@ def read_split(out_dir: str | os.PathLike) -> dict | None:
 
 
 def finetune(
-    task: FinetuneTask,
+    task: ClassifierTask,
     train_config: TrainConfig,
     resume: bool = False,
     stop_at: int | None = None,
     overwrite: bool = False,
     data: dict | None = None,
     split: dict | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    """Run the shared trainer on `task`, recording the data and task settings in config.json.
+    """Run the shared trainer on `task` (fine-tuning or a linear probe), recording the data and task
+    settings in config.json.
 
     data: where the clips came from (paths as given), recorded in config.json; split: a
-    `split_record`, saved as RUN/split.json so that the run can be repeated and resumed on it."""
+    `split_record`, saved as RUN/split.json so that the run can be repeated and resumed on it; settings:
+    the command's settings as given (`finetune_run.FinetuneSettings`), recorded in config.json so that
+    `--config RUN/config.json` repeats the run."""
     train_config.batch_size = task.config.batch_size
     train_config.best_metric = task.best_metric
     meta = {
-        "task": "linear" if task.config.linear else "finetune",
+        "task": task.kind,
         "finetune": {**asdict(task.config), "norm": list(task.norm)},
         "init": task.init,
         "init_checkpoint": task.source,
@@ -489,10 +440,12 @@ def finetune(
         "multilabel": task.multilabel,
         "train_clips": len(task.train_set),
         "valid_clips": len(task.valid_set) if task.valid_set is not None else 0,
-        "augment": asdict(task.augment) if not task.config.linear else None,
+        "augment": asdict(task.augment) if task.augment is not None else None,
         "weighted_sampling": task.weighted,
         "data": {**(data or {}), "split": "split.json" if split is not None else None},
     }
+    if settings is not None:
+        meta["settings"] = settings
     files = {"split.json": json.dumps(split) + "\n"} if split is not None else None
     return train(
         task, train_config, resume=resume, stop_at=stop_at, meta=meta, overwrite=overwrite, files=files
@@ -502,11 +455,10 @@ def finetune(
 __all__ = [
     "FinetuneError",
     "FinetuneConfig",
+    "ClassifierTask",
     "FinetuneTask",
     "build_classifier",
     "classification_loss",
-    "feature_statistics",
-    "fold_standardization",
     "finetune",
     "apply_split",
     "clip_id",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sslam_core.training.objective import (
     ObjectiveConfig,
     PretrainingModel,
 )
+from sslam_core.training.task import TrainingTask
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "eat": dict(lr=5e-4, warmup=53_000, steps=400_000, clone_batch=16),
@@ -281,18 +283,23 @@ def build_model(s: PretrainSettings, model_config: dict | None = None) -> Pretra
     return PretrainingModel.from_weights(arch, _encoder_part(ckpt.state), teacher, ckpt.decoder, cfg)
 
 
-class PretrainTask:
+class PretrainTask(TrainingTask):
     """The trainer's task for pre-training: objective on on-device fbank batches, EMA after each update.
 
-    Masks, clean windows (stage 2, with or without mixing, so that `--mix none` sees the same masks) and
-    mixing partners are drawn with the trainer's CPU generator; the decoder's mask noise uses a generator
-    on the batch's device seeded from it, so a resumed run is exact on any device.
+    batches: the `AudioBatches` (or any callable with its signature) the epochs are drawn from, kept as
+    `loader`. Masks, clean windows (stage 2, with or without mixing, so that `--mix none` sees the same
+    masks) and mixing partners are drawn with the trainer's CPU generator; the decoder's mask noise uses a
+    generator on the batch's device seeded from it, so a resumed run is exact on any device.
     """
 
     def __init__(self, model: PretrainingModel, batches: Any, settings: PretrainSettings | None = None):
-        self.model, self.batches, self.settings = model, batches, settings
+        self.model, self.loader, self.settings = model, batches, settings
         self.step = 0
         self._noise: torch.Generator | None = None
+
+    def batches(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[dict]:
+        """One epoch of fbank batches on the device, from the loader."""
+        return self.loader(epoch_seed, rank, world_size, start_position)
 
     def loss(self, batch: dict, generator: torch.Generator) -> dict:
         source = batch["source"]
@@ -326,6 +333,7 @@ class PretrainTask:
         return {"ema_anneal_end_step": cfg.ema_anneal_end_step, "ema_end_decay": cfg.ema_end_decay}
 
     def after_step(self, step: int) -> dict:
+        """The EMA teacher follows the student; its decay is logged."""
         self.step = step
         return {"ema_decay": self.model.ema_step(step)}
 
@@ -430,7 +438,7 @@ def run_pretraining(
             "given": given if given is not None else settings.to_dict(),
             "model_config": task.model.model_cfg.to_dict(),
             "objective": asdict(task.model.cfg),
-            "clips": len(task.batches.dataset),
+            "clips": len(task.loader.dataset),
         }
     }
     summary = train(task, config, resume=resume, stop_at=stop_at, meta=meta, overwrite=overwrite)
@@ -438,9 +446,9 @@ def run_pretraining(
     if len(set(checksums)) > 1:
         warnings.warn(f"DDP ranks hold different weights: {checksums}", stacklevel=2)
     skipped: dict[str, str] = {}
-    for part in distributed.all_gather_objects(task.batches.skipped):
+    for part in distributed.all_gather_objects(task.loader.skipped):
         skipped.update(part)
-    summary.update(clips=len(task.batches.dataset), skipped=skipped, rank_checksums=checksums)
+    summary.update(clips=len(task.loader.dataset), skipped=skipped, rank_checksums=checksums)
     summary["settings"] = settings.to_dict()
     return summary
 

@@ -1,19 +1,15 @@
 """One training loop for pre-training and fine-tuning, readable top to bottom (nanoGPT style).
 
-The loop is generic over a *task* that owns the model, the data and the loss:
+The loop is generic over a *task* (`sslam_core.training.task.TrainingTask`) that owns the model, the data
+and the loss: `task.batches` gives one epoch's batches for this rank from a saved position, `task.loss`
+turns a batch into a 'loss' and terms to log, `task.export` writes the checkpoint; `after_step` (EMA),
+`evaluate` (best checkpoint), `schedule`, `constant_state`, `generator_device` and
+`find_unused_parameters` are optional members with defaults on the base class.
 
-    task.model                                   nn.Module; its trainable parameters are optimised
-    task.batches(epoch_seed, rank, world_size, start_position)
-                                                 iterator over one epoch's ready batches for this rank,
-                                                 skipping the first `start_position` (exact resume)
-    task.loss(batch, generator) -> dict          scalar 'loss' plus named float terms to log
-    task.after_step(step) -> dict | None         optional, after each update (EMA); may return values to log
-    task.export(path)                            write the model checkpoint other commands load
-    task.evaluate() -> dict                      optional, at every save; `config.best_metric` picks the best
-    task.generator_device                        optional, device of the loss generator (default CPU)
-    task.find_unused_parameters                  optional, for DDP when some parameters get no gradient
-    task.constant_state                          optional, state-dict key prefixes the task rebuilds the
-                                                 same on resume (a probe's frozen encoder): not saved
+`train` owns the run folder (refusal, cleanup after an early failure) and the signals; `_train` is the
+loop, followed by its parts in the order they run: `_start` (model, optimiser, scaler, generator),
+`_restore` (state.pt), `_write_config`, then per update `_step` (micro-batches to an optimiser step),
+`_log` and `_save`.
 
 Everything that decides the trajectory (weights, optimiser, grad scaler, step, data position, the Python/
 NumPy/torch RNGs of every rank and the task's generator) goes into out_dir/state.pt, so `resume=True`
@@ -33,10 +29,10 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +44,7 @@ from sslam_core.runs import distributed
 from sslam_core.runs.interrupts import StopRequest
 from sslam_core.runs.outputs import OutputError, atomic_write, output_error, torch_save, write_text
 from sslam_core.training.optim import build_optimizer, cosine_schedule, set_lr
+from sslam_core.training.task import TrainingTask
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOP_SIGNALS = tuple(
@@ -111,18 +108,6 @@ class TrainConfig:
             raise OptionError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
 
 
-class TrainingTask(Protocol):
-    """What `train` needs from pre-training or fine-tuning (see the module docstring)."""
-
-    model: nn.Module
-
-    def batches(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[Any]: ...
-
-    def loss(self, batch: Any, generator: torch.Generator) -> dict: ...
-
-    def export(self, path: str | os.PathLike) -> None: ...
-
-
 class _LossModule(nn.Module):
     """Makes `task.loss` the forward of a module that owns the model, so DDP's hooks see every call."""
 
@@ -153,6 +138,8 @@ def train(
     config.json. SIGINT, SIGTERM and SIGUSR1 save at the next step boundary and return with
     summary["interrupted"] set. A run that fails before its first state.pt leaves no files behind.
     """
+    if not isinstance(task, TrainingTask):
+        raise TypeError(f"train() needs a TrainingTask (sslam_core.training.task), got {type(task).__name__}")
     config.check()
     info = distributed.init_distributed(config.device)
     out = Path(config.out_dir)
@@ -175,6 +162,42 @@ def train(
         raise
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The loop: `_train`, then its parts in the order they run.
+
+
+@dataclass
+class _Run:
+    """What the parts of one run share: the task and settings, what is built once (the model on its device,
+    the optimiser and the parameters it updates, the grad scaler, the loss generator, the schedule), the
+    position that moves (step, epoch, batches of that epoch consumed, best evaluation) and, on rank 0, the
+    metrics log and the tensorboard writer."""
+
+    task: TrainingTask
+    config: TrainConfig
+    info: distributed.DistInfo
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    schedule: dict
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best: dict | None = None
+    metrics: MetricsLog | None = None
+    writer: Any = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.info.rank == 0
+
+
 def _train(
     task: TrainingTask,
     config: TrainConfig,
@@ -185,191 +208,248 @@ def _train(
     files: dict[str, str],
     stop: StopRequest,
 ) -> dict:
-    device, main = info.device, info.rank == 0
-    chatty = main and config.progress
-    out = Path(config.out_dir)
-    seed_everything(config.seed + info.rank)
+    """Set up or restore the run, then one update per pass of the loop: batches to gradients to an
+    optimiser step, then a log line and a save when due. Returns the summary."""
+    run = _start(task, config, info)
+    if resume:
+        _restore(run)
+    start_step = run.step
+    _write_config(run, meta, files)
+    if run.main:
+        run.metrics = MetricsLog(run.out / "metrics.jsonl", keep_through=run.step)
+        run.writer = _tensorboard(run.out, run.step) if config.tensorboard else None
 
-    # Model, optimiser, precision, the loss generator.
-    model = task.model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.betas)
-    amp_dtype = PRECISIONS[config.precision] if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(getattr(task, "generator_device", "cpu"))
-    generator.manual_seed(config.seed + 1_000_003 * info.rank)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    constant = tuple(getattr(task, "constant_state", ()))
-    schedule = _schedule(config, task)
-
-    # Resume: everything that decides the trajectory comes back from state.pt.
-    step, epoch, position, best = 0, 0, 0, None
-    state_path = out / "state.pt"
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        _load_saved_state(model, state["model"], constant, state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, position, best = state["step"], state["epoch"], state["position"], state["best"]
-        rngs = state["rng"]
-        if info.rank < len(rngs):
-            set_rng_state(rngs[info.rank], generator)
-        else:
-            warnings.warn(
-                f"{state_path}: no RNG state for rank {info.rank}; resumed run is not exact", stacklevel=2
-            )
-        _say(chatty, f"resumed from {state_path} at step {step}")
-        old = state.get("schedule") or _schedule(TrainConfig.from_dict(state["config"]), None)
-        _say(main, schedule_change(old, schedule, step))
-    elif resume:
-        _say(chatty, f"no checkpoint in {out}; starting from step 0")
-    start_step = step
-
-    if main:
-        resolved = {**config.to_dict(), "world_size": info.world_size, "device": str(device)}
-        resolved["process_group"] = distributed.backend()
-        write_text(out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
-        for name, text in files.items():
-            write_text(out / name, text)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_through=step) if main else None
-    writer = _tensorboard(out, step) if main and config.tensorboard else None
-
-    if step >= config.steps or (stop_at is not None and step >= stop_at):
-        if main:
-            _export(task, out / "model.safetensors")
-        distributed.barrier()
-        return _summary(config, out, step, start_step, 0.0, {}, best, main)
-
-    # Under torchrun (any number of processes): gradients averaged by DDP through a module whose
-    # forward is the task's loss.
-    loss_module = _LossModule(task)
-    if distributed.joined():
-        ddp = nn.parallel.DistributedDataParallel(
-            loss_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(task, "find_unused_parameters", False),
-        )
-        compute_loss = ddp
-    else:
-        ddp, compute_loss = None, loss_module
-
-    def save(evaluate: bool) -> None:
-        """Model export, evaluation, best copy, then the resumable state (all ranks give RNGs). A write
-        error on rank 0 stops every rank with one OutputError; the previous state.pt stays."""
-        nonlocal best
-        rngs = distributed.all_gather_objects(get_rng_state(generator))
-        failure = None
-        if main:
-            try:
-                _export(task, out / "model.safetensors")
-                if evaluate and hasattr(task, "evaluate"):
-                    scores = task.evaluate()
-                    model.train()
-                    best = _keep_best(config, out, scores, best, step, metrics, writer)
-                state = {
-                    "model": _saved_state(model, constant),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "position": position,
-                    "best": best,
-                    "rng": rngs,
-                    "config": config.to_dict(),
-                    "schedule": schedule,
-                }
-                atomic_write(state_path, lambda tmp: torch_save(state, tmp))
-                if config.keep_last > 0:
-                    _keep_numbered(out, step, config.keep_last)
-            except OutputError as e:
-                failure = e
-        _raise_if_any(failure, device)
-
-    stream = _endless_batches(task, config.seed, info, epoch, position)
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    clips_per_update = config.batch_size * config.grad_accum * info.world_size
-    bar = tqdm(total=config.steps, initial=step, disable=not chatty, dynamic_ncols=True, file=sys.stderr)
-    sums: dict[str, Any] = {}
-    micro_steps, clips_since_log = 0, 0
-    run_start = log_start = time.perf_counter()
-    last: dict[str, float] = {}
     end = config.steps if stop_at is None else min(stop_at, config.steps)
+    if run.step >= end:  # nothing to train (--steps 0, or a finished run): export the model as it is
+        if run.main:
+            _export(task, run.out / "model.safetensors")
+        distributed.barrier()
+        return _summary(config, run.out, run.step, start_step, 0.0, {}, run.best, run.main)
+
+    compute_loss, ddp = _loss_function(task, info.device)
+    stream = _endless_batches(task, config.seed, info, run.epoch, run.position)
+    amp_dtype = _amp_dtype(config, info.device)
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    chatty = run.main and config.progress
+    bar = tqdm(total=config.steps, initial=run.step, disable=not chatty, dynamic_ncols=True, file=sys.stderr)
+    run_start = time.perf_counter()
+    terms = _Terms(run_start)
+    last: dict[str, float] = {}
     stop_signal = 0
 
-    while step < end and not stop_signal:
-        lr = cosine_schedule(step, config.warmup, config.steps, config.lr, config.min_lr)
-        set_lr(optimizer, lr)
-
-        # Forward/backward over grad_accum micro-batches; DDP syncs gradients on the last one only.
-        for micro in range(config.grad_accum):
-            batch, epoch, position = next(stream)
-            sync = ddp is None or micro == config.grad_accum - 1
-            with nullcontext() if sync else ddp.no_sync():
-                with autocast:
-                    result = compute_loss(batch, generator)
-                scaler.scale(result["loss"] / config.grad_accum).backward()
-            for name, value in result.items():
-                if _is_scalar(value):
-                    value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-                    sums[name] = sums.get(name, 0.0) + value
-            micro_steps += 1
-            clips_since_log += _batch_len(batch, config.batch_size)
-
-        # Update: unscale, clip, step, schedule.
-        scaler.unscale_(optimizer)
-        max_norm = config.clip_grad if config.clip_grad > 0 else math.inf
-        # a tensor until it is logged: reading it here would make the host wait for the GPU each step
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        extra = task.after_step(step) if hasattr(task, "after_step") else None
+    while run.step < end and not stop_signal:
+        lr = cosine_schedule(run.step, config.warmup, config.steps, config.lr, config.min_lr)
+        set_lr(run.optimizer, lr)
+        grad_norm = _step(run, stream, compute_loss, ddp, autocast, terms)
+        extra = task.after_step(run.step)
         bar.update(1)
 
         # Stop on a signal at this step boundary: every rank learns of it here, so all stop together.
-        stop_signal = distributed.all_reduce_max(stop.signum or 0, device)
+        stop_signal = distributed.all_reduce_max(stop.signum or 0, info.device)
         stopping = stop_signal > 0
-
-        # Log: averages since the last log line, over micro-steps and ranks.
-        if step % config.log_every == 0 or step == end or stopping:
-            now = time.perf_counter()
-            values = {k: float(v) / micro_steps for k, v in sums.items()}
-            values["grad_norm"] = float(grad_norm)
-            values = distributed.all_reduce_mean(values, device if device.type == "cuda" else None)
-            clips_per_s = clips_since_log * info.world_size / max(now - log_start, 1e-9)
-            last = {"step": step, "epoch": epoch, "lr": lr, **values, **(extra or {})}
-            last["clips_per_s"] = clips_per_s
-            failure = None
-            if main:
-                try:
-                    metrics.write(last)
-                except OutputError as e:
-                    failure = e
-                if writer is not None:
-                    for k, v in last.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix_str(_postfix(last), refresh=False)
-            _raise_if_any(failure, device)
-            sums, micro_steps, clips_since_log, log_start = {}, 0, 0, now
-
-        # Save (an interrupted run skips the evaluation: the scheduler's grace period is short).
-        if step % config.save_every == 0 or step == end or stopping:
-            save(evaluate=not stopping)
+        if run.step % config.log_every == 0 or run.step == end or stopping:
+            last = _log(run, terms, lr, grad_norm, extra, bar)
+        # An interrupted run saves without evaluating: the scheduler's grace period is short.
+        if run.step % config.save_every == 0 or run.step == end or stopping:
+            _save(run, evaluate=not stopping)
 
     bar.close()
-    if writer is not None:
-        writer.close()
+    if run.writer is not None:
+        run.writer.close()
     elapsed = time.perf_counter() - run_start
-    throughput = (step - start_step) * clips_per_update / max(elapsed, 1e-9)
-    summary = _summary(
-        config, out, step, start_step, elapsed, {**last, "clips_per_s": throughput}, best, main
-    )
+    clips_per_update = config.batch_size * config.grad_accum * info.world_size
+    throughput = (run.step - start_step) * clips_per_update / max(elapsed, 1e-9)
+    last = {**last, "clips_per_s": throughput}
+    summary = _summary(config, run.out, run.step, start_step, elapsed, last, run.best, run.main)
     if stop_signal:
         summary["interrupted"] = signal.Signals(stop_signal).name
         summary["exit_code"] = stop_exit_code(stop_signal)
     return summary
+
+
+def _start(task: TrainingTask, config: TrainConfig, info: distributed.DistInfo) -> _Run:
+    """Seed this rank, then build the model on its device in training mode, the optimiser, the grad
+    scaler (active for fp16 only) and the loss generator (seeded per rank)."""
+    seed_everything(config.seed + info.rank)
+    model = task.model.to(info.device)
+    model.train()
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.betas)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=_amp_dtype(config, info.device) == torch.float16)
+    generator = torch.Generator(task.generator_device)
+    generator.manual_seed(config.seed + 1_000_003 * info.rank)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    schedule = _schedule(config, task.schedule)
+    return _Run(task, config, info, model, optimizer, params, scaler, generator, schedule)
+
+
+def _restore(run: _Run) -> None:
+    """Continue from out_dir/state.pt when there is one: everything that decides the trajectory comes
+    back (weights, optimiser, scaler, step, data position, best, this rank's RNGs); a note on rank 0
+    when the schedule changed since it was saved."""
+    path = run.out / "state.pt"
+    chatty = run.main and run.config.progress
+    if not path.exists():
+        _say(chatty, f"no checkpoint in {run.out}; starting from step 0")
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _load_saved_state(run.model, state["model"], tuple(run.task.constant_state), path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.position = state["step"], state["epoch"], state["position"]
+    run.best = state["best"]
+    rngs = state["rng"]
+    if run.info.rank < len(rngs):
+        set_rng_state(rngs[run.info.rank], run.generator)
+    else:
+        warnings.warn(
+            f"{path}: no RNG state for rank {run.info.rank}; resumed run is not exact", stacklevel=3
+        )
+    _say(chatty, f"resumed from {path} at step {run.step}")
+    old = state.get("schedule") or _schedule(TrainConfig.from_dict(state["config"]), {})
+    _say(run.main, schedule_change(old, run.schedule, run.step))
+
+
+def _write_config(run: _Run, meta: dict | None, files: dict[str, str]) -> None:
+    """Rank 0: config.json (the resolved settings, world size, device, process group and `meta`) and the
+    task's extra files."""
+    if not run.main:
+        return
+    resolved = {**run.config.to_dict(), "world_size": run.info.world_size, "device": str(run.info.device)}
+    resolved["process_group"] = distributed.backend()
+    write_text(run.out / "config.json", json.dumps({**resolved, **(meta or {})}, indent=2) + "\n")
+    for name, text in files.items():
+        write_text(run.out / name, text)
+
+
+def _loss_function(task: TrainingTask, device: torch.device) -> tuple[nn.Module, Any]:
+    """(what computes the loss, the DDP wrapper or None). Inside a process group (torchrun, any number of
+    processes) DDP averages the gradients, through a module whose forward is the task's loss."""
+    loss_module = _LossModule(task)
+    if not distributed.joined():
+        return loss_module, None
+    ddp = nn.parallel.DistributedDataParallel(
+        loss_module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=task.find_unused_parameters,
+    )
+    return ddp, ddp
+
+
+def _step(
+    run: _Run,
+    stream: Iterator[tuple[Any, int, int]],
+    compute_loss: nn.Module,
+    ddp: Any,
+    autocast: AbstractContextManager,
+    terms: _Terms,
+) -> torch.Tensor:
+    """One update: forward and backward over grad_accum micro-batches (DDP syncs gradients on the last
+    one only), then unscale, clip and step. Returns the gradient norm, a tensor until it is logged:
+    reading it here would make the host wait for the GPU each step."""
+    config = run.config
+    for micro in range(config.grad_accum):
+        batch, run.epoch, run.position = next(stream)
+        sync = ddp is None or micro == config.grad_accum - 1
+        with nullcontext() if sync else ddp.no_sync():
+            with autocast:
+                result = compute_loss(batch, run.generator)
+            run.scaler.scale(result["loss"] / config.grad_accum).backward()
+        terms.add(result, _batch_len(batch, config.batch_size))
+
+    run.scaler.unscale_(run.optimizer)
+    max_norm = config.clip_grad if config.clip_grad > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).detach()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return grad_norm
+
+
+class _Terms:
+    """The loss terms summed over the micro-steps since the last log line, and the clips they saw since
+    `start` (for the throughput)."""
+
+    def __init__(self, start: float):
+        self.reset(start)
+
+    def reset(self, start: float) -> None:
+        self.sums: dict[str, Any] = {}
+        self.micro_steps, self.clips, self.start = 0, 0, start
+
+    def add(self, result: dict, clips: int) -> None:
+        for name, value in result.items():
+            if _is_scalar(value):
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                self.sums[name] = self.sums.get(name, 0.0) + value
+        self.micro_steps += 1
+        self.clips += clips
+
+
+def _log(run: _Run, terms: _Terms, lr: float, grad_norm: torch.Tensor, extra: dict | None, bar: tqdm) -> dict:
+    """One log line: the terms averaged since the last line over micro-steps and ranks, the gradient norm,
+    lr, throughput and the task's `after_step` values, into metrics.jsonl, tensorboard and the progress
+    bar (rank 0); a write error stops every rank. Starts the next averaging window; returns the line."""
+    device = run.info.device
+    now = time.perf_counter()
+    values = {k: float(v) / terms.micro_steps for k, v in terms.sums.items()}
+    values["grad_norm"] = float(grad_norm)
+    values = distributed.all_reduce_mean(values, device if device.type == "cuda" else None)
+    clips_per_s = terms.clips * run.info.world_size / max(now - terms.start, 1e-9)
+    last = {"step": run.step, "epoch": run.epoch, "lr": lr, **values, **(extra or {})}
+    last["clips_per_s"] = clips_per_s
+    failure = None
+    if run.main:
+        try:
+            run.metrics.write(last)
+        except OutputError as e:
+            failure = e
+        if run.writer is not None:
+            for k, v in last.items():
+                if k != "step":
+                    run.writer.add_scalar(f"train/{k}", v, run.step)
+        bar.set_postfix_str(_postfix(last), refresh=False)
+    _raise_if_any(failure, device)
+    terms.reset(now)
+    return last
+
+
+def _save(run: _Run, evaluate: bool) -> None:
+    """Model export, evaluation and best copy (when `evaluate` and the task evaluates), then the resumable
+    state (every rank gives its RNGs) and the numbered copies. A write error on rank 0 stops every rank
+    with one OutputError; the previous state.pt stays."""
+    rngs = distributed.all_gather_objects(get_rng_state(run.generator))
+    failure = None
+    if run.main:
+        try:
+            _export(run.task, run.out / "model.safetensors")
+            scores = run.task.evaluate() if evaluate else None
+            if scores is not None:
+                run.model.train()
+                run.best = _keep_best(run, scores)
+            state = {
+                "model": _saved_state(run.model, tuple(run.task.constant_state)),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "step": run.step,
+                "epoch": run.epoch,
+                "position": run.position,
+                "best": run.best,
+                "rng": rngs,
+                "config": run.config.to_dict(),
+                "schedule": run.schedule,
+            }
+            atomic_write(run.out / "state.pt", lambda tmp: torch_save(state, tmp))
+            if run.config.keep_last > 0:
+                _keep_numbered(run.out, run.step, run.config.keep_last)
+        except OutputError as e:
+            failure = e
+    _raise_if_any(failure, run.info.device)
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: config.precision's on CUDA, none (fp32) elsewhere."""
+    return PRECISIONS[config.precision] if device.type == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,10 +525,10 @@ def _raise_if_any(failure: OutputError | None, device: torch.device) -> None:
         raise failure or OutputError(errno.EIO, "rank 0 could not write the run folder; stopping")
 
 
-def _schedule(config: TrainConfig, task: Any) -> dict:
+def _schedule(config: TrainConfig, task_schedule: dict) -> dict:
     """What shapes the trajectory's schedule: length, warm-up, lr range, plus the task's (EMA anneal)."""
     own = {"steps": config.steps, "warmup": config.warmup, "lr": config.lr, "min_lr": config.min_lr}
-    return {**own, **(getattr(task, "schedule", None) or {})}
+    return {**own, **(task_schedule or {})}
 
 
 def schedule_change(old: dict, new: dict, step: int) -> str:
@@ -606,13 +686,15 @@ def _tensorboard(out: Path, step: int):
     return SummaryWriter(str(out / "tensorboard"), purge_step=step if step > 0 else None)
 
 
-def _keep_best(config: TrainConfig, out: Path, scores: dict, best: dict | None, step: int, metrics, writer):
-    """Log the evaluation and copy model.safetensors to model-best.safetensors when it improves."""
+def _keep_best(run: _Run, scores: dict) -> dict | None:
+    """Log the evaluation and copy model.safetensors to model-best.safetensors when it improves; returns
+    the best so far."""
+    config, out, best, step = run.config, run.out, run.best, run.step
     scores = {k: float(v) for k, v in scores.items() if _is_scalar(v)}
-    metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
-    if writer is not None:
+    run.metrics.write({"step": step, **{f"eval/{k}": v for k, v in scores.items()}})
+    if run.writer is not None:
         for k, v in scores.items():
-            writer.add_scalar(f"eval/{k}", v, step)
+            run.writer.add_scalar(f"eval/{k}", v, step)
     value = scores.get(config.best_metric)
     if value is None:
         return best

@@ -1,0 +1,410 @@
+"""Fine-tuning runs as `sslam finetune` does them: settings, a config file, the data sets, the task, the run.
+
+`FinetuneSettings` holds what a run is given, under the command's flag names (`--valid-fraction` ->
+`valid_fraction`) with its defaults. `read_config_file` reads a JSON file of settings, or a run's
+config.json (which records the settings it was given); `resolve_settings` layers them (later wins) and
+checks the options that exclude each other. `setup_finetuning` resolves what depends on the data, the
+checkpoint and the device (the sets and their split, the batch size, the step count, the precision), builds
+the task (`FinetuneTask`, or `LinearProbeTask` for `linear`) and the trainer's settings; `FinetuneRun.train`
+trains. `run_finetuning` does both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sslam_core.audio.constants import NORMALIZATION
+from sslam_core.data.datasets import LabelledSet, read_labelled, split_examples
+from sslam_core.errors import OptionError, SslamError
+from sslam_core.models.checkpoint import Checkpoint
+from sslam_core.models.loading import read_checkpoint
+from sslam_core.models.transformer import ModelConfig, preset
+from sslam_core.training.finetuning import (
+    ClassifierTask,
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneTask,
+    apply_split,
+    default_steps,
+    finetune,
+    read_split,
+    recipe,
+    split_record,
+)
+from sslam_core.training.linear_probe import LinearProbeTask
+from sslam_core.training.trainer import TrainConfig, check_run_folder, fit_batch_size, note
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything a `sslam finetune` run is given, under the flag names, with the command's defaults.
+
+    None leaves a value to be derived in `setup_finetuning`: the step count from `epochs` (30, or 50 and
+    at least 20,000 updates for a linear probe), lr (5e-5, linear 1e-3), warm-up (10 % of the steps),
+    saves (every 10 % of the steps), the normalisation (the checkpoint's), pooling (the checkpoint's),
+    mixup, weighted sampling and multi-label (from the labels).
+    """
+
+    data: str | None = None  # training set (required)
+    checkpoint: str | None = None  # or `model`: a random init of that preset
+    output: str | None = None  # the run folder (required)
+    valid: str | None = None
+    valid_fraction: float | None = None
+    model: str | None = None
+    linear: bool = False
+    pool: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 48
+    target_length: int = 1024
+    seed: int = 0
+    lr: float | None = None
+    warmup: int | None = None
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    mixup: bool | None = None
+    specaugment: bool = True
+    roll: bool = True
+    label_smoothing: float = 0.1
+    weighted_sampling: bool | None = None
+    multilabel: bool | None = None
+    norm: str | list[float] | None = None  # a preset name, "MEAN,STD" or [MEAN, STD]
+    audio_dir: str | None = None
+    folds: str | list[int] | None = None  # "1,2,3,4" or [1, 2, 3, 4]
+    valid_folds: str | list[int] | None = None
+    precision: str = "bf16"
+    device: str = "auto"
+    workers: int = 2
+    save_every: int | None = None
+
+
+SETTING_NAMES = tuple(f.name for f in fields(FinetuneSettings))
+_SETTING_TYPES = typing.get_type_hints(FinetuneSettings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings: a config file, layers, checks
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A JSON object of settings (keys as the flags, `-` or `_`), checked against the known names and
+    their types; or a fine-tuning run's config.json, whose settings are taken as that run was given them
+    (values derived from the data, such as the step count and the warm-up, are derived again)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FinetuneError(f"{path}: cannot read the config file ({err})") from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{path}: the config file must hold one JSON object")
+    if isinstance(raw.get("pretrain"), dict):
+        raise FinetuneError(f"{path}: a pre-training run's config.json, not a fine-tuning one")
+    if "world_size" in raw and "finetune" in raw:  # a fine-tuning run's config.json
+        if not isinstance(raw.get("settings"), dict):
+            raise FinetuneError(
+                f"{path}: this run's config.json does not record its settings (an older run); "
+                "write them in a JSON file"
+            )
+        values = {k: v for k, v in raw["settings"].items() if k in SETTING_NAMES}
+    else:
+        values = {k.replace("-", "_"): v for k, v in raw.items()}
+        unknown = sorted(set(values) - set(SETTING_NAMES))
+        if unknown:
+            raise FinetuneError(f"{path}: unknown settings {', '.join(unknown)}")
+    for name, value in values.items():
+        if not _fits(value, _SETTING_TYPES[name]):
+            raise FinetuneError(f"{path}: {name} must be {_type_name(_SETTING_TYPES[name])}, got {value!r}")
+    return values
+
+
+def merge_settings(*layers: dict) -> dict:
+    """Setting dicts merged (later wins; None values ignored): what a run was given."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in SETTING_NAMES:
+                raise FinetuneError(f"unknown setting {key!r}")
+            if value is not None:
+                merged[key] = value
+    return merged
+
+
+def resolve_settings(*layers: dict) -> FinetuneSettings:
+    """Merge setting dicts (see `merge_settings`, e.g. a config file, then the flags given) into
+    settings, refusing options that exclude each other."""
+    s = FinetuneSettings(**merge_settings(*layers))
+    if s.steps is not None and s.epochs is not None:
+        raise FinetuneError("give --steps or --epochs, not both")
+    if (s.checkpoint is None) == (s.model is None):
+        raise FinetuneError("give --checkpoint, or --model PRESET for a randomly initialised baseline")
+    if s.valid is not None and s.valid_fraction:
+        raise FinetuneError("give --valid or --valid-fraction, not both")
+    return s
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a setting's type (an int fits a float; a bool is no number)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setting up a run: device, data, batch size, steps, task, trainer settings
+
+
+@dataclass
+class FinetuneRun:
+    """A fine-tuning run set up and ready to train (see `setup_finetuning`): its settings, the task
+    (its data sets included), the trainer's settings and the split of `valid_fraction`."""
+
+    settings: FinetuneSettings
+    task: ClassifierTask
+    train_config: TrainConfig
+    split: dict | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Train (single process or one torchrun rank); returns the trainer's summary. config.json records
+        the data paths as given and the settings, split.json the split."""
+        s = self.settings
+        sources = dict(
+            data=s.data, valid=s.valid, audio_dir=s.audio_dir, folds=s.folds, valid_folds=s.valid_folds,
+            valid_fraction=s.valid_fraction, checkpoint=s.checkpoint, model=s.model,
+        )  # fmt: skip
+        return finetune(
+            self.task,
+            self.train_config,
+            resume=self.resume,
+            stop_at=stop_at,
+            overwrite=self.overwrite,
+            data=sources,
+            split=self.split,
+            settings=asdict(s),
+        )
+
+
+def setup_finetuning(
+    settings: FinetuneSettings, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> FinetuneRun:
+    """Everything before training, on every rank and before the ranks meet (one-line errors, no files
+    written): the run folder check, device and precision, checkpoint, data sets and split (the saved one
+    on `resume`), the batch size (lowered to the clips per rank, with a note), the step count, the task and
+    the trainer's settings; on rank 0 a line saying what will run, unless not `progress`."""
+    s = settings
+    if s.data is None:
+        raise FinetuneError("no training data given (--data)")
+    if s.output is None:
+        raise FinetuneError("no run folder given (-o/--output)")
+    check_run_folder(s.output, resume, overwrite)
+    device = _pick_device(s.device)
+    precision = _training_precision(s.precision, device)
+    try:
+        ckpt = read_checkpoint(s.checkpoint) if s.checkpoint else None
+        model_config = None if ckpt else preset(s.model)
+        folds, valid_folds = _folds(s.folds, "--folds"), _folds(s.valid_folds, "--valid-folds")
+        saved_split = read_split(s.output) if resume else None
+        train_set, valid_set, split = read_sets(s, folds, valid_folds, saved_split)
+        world, main = int(os.environ.get("WORLD_SIZE", "1")), _rank_zero()
+        batch_size = fit_batch_size(s.batch_size, len(train_set), world)
+        if batch_size < s.batch_size and main:
+            clips = len(train_set)
+            note(f"note: --batch-size {s.batch_size} is more than {clips} clips allow; using {batch_size}")
+        config = FinetuneConfig(
+            target_length=s.target_length,
+            batch_size=batch_size,
+            linear=s.linear,
+            pool=s.pool,
+            drop_path=s.drop_path,
+            mixup=s.mixup,
+            specaugment=s.specaugment,
+            roll=s.roll,
+            label_smoothing=s.label_smoothing,
+            weighted_sampling=s.weighted_sampling,
+            norm=_parse_norm(s.norm, ckpt.normalization if ckpt else None),
+            workers=s.workers,
+            precision=precision,
+        )
+        total = s.steps or default_steps(s.linear, len(train_set), batch_size, world, s.epochs)
+        task = classifier_task(train_set, valid_set, ckpt, config, seed=s.seed, model_config=model_config)
+        train_config = recipe(
+            s.linear,
+            total,
+            task.multilabel,
+            s.output,
+            lr=s.lr,
+            warmup=s.warmup,
+            layer_decay=None if s.linear else s.layer_decay,
+            save_every=s.save_every,
+            seed=s.seed,
+            precision=precision,
+            device=str(device) if s.device != "auto" else "auto",
+            progress=progress,
+        )
+    except ValueError as e:  # one line for a setting torch or the data refused, too
+        if isinstance(e, SslamError):
+            raise
+        raise FinetuneError(str(e)) from None
+    if main and progress:
+        kind = "multi-label" if task.multilabel else "multi-class"
+        note(
+            f"{'linear probe' if s.linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} "
+            f"classes ({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; "
+            f"init: {task.init}"
+        )
+    return FinetuneRun(s, task, train_config, split, resume, overwrite)
+
+
+def run_finetuning(
+    settings: FinetuneSettings,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict:
+    """One `sslam finetune` run (single process or one torchrun rank): `setup_finetuning`, then train;
+    returns the trainer's summary."""
+    return setup_finetuning(settings, resume, overwrite, progress).train(stop_at)
+
+
+def classifier_task(
+    train_set: LabelledSet,
+    valid_set: LabelledSet | None,
+    checkpoint: str | os.PathLike | Checkpoint | None,
+    config: FinetuneConfig,
+    seed: int = 0,
+    model_config: ModelConfig | None = None,
+) -> ClassifierTask:
+    """The task `config` asks for: a LinearProbeTask when config.linear, else a FinetuneTask."""
+    task = LinearProbeTask if config.linear else FinetuneTask
+    return task(train_set, valid_set, checkpoint, config, seed=seed, model_config=model_config)
+
+
+def read_sets(
+    s: FinetuneSettings,
+    folds: list[int] | None = None,
+    valid_folds: list[int] | None = None,
+    saved_split: dict | None = None,
+) -> tuple[LabelledSet, LabelledSet | None, dict | None]:
+    """Training and validation sets of the settings (validation uses the training classes; `folds` and
+    `valid_folds` as parsed from them), and the split record of `valid_fraction`: `saved_split` on
+    resume, else a new seeded split."""
+    train_set = read_labelled(s.data, s.audio_dir, folds=folds or None, multilabel=s.multilabel)
+    for name in train_set.missing[:1]:
+        _note(f"note: {len(train_set.missing)} listed clip(s) have no audio (e.g. {name})")
+    if s.valid is not None or valid_folds:
+        valid_set = read_labelled(
+            s.valid or s.data,
+            s.audio_dir,
+            classes=train_set,
+            folds=valid_folds or None,
+            multilabel=train_set.multilabel,
+        )
+    elif saved_split is not None:  # resume: the split the run was started on
+        train_set, valid_set = apply_split(train_set, saved_split)
+        return train_set, valid_set, saved_split
+    elif s.valid_fraction:
+        kept, held = split_examples(train_set.examples, s.valid_fraction, s.seed)
+        train_set, valid_set = replace(train_set, examples=kept), replace(train_set, examples=held)
+        return train_set, valid_set, split_record(train_set, valid_set, s.valid_fraction, s.seed)
+    else:
+        valid_set = None
+    return train_set, valid_set, None
+
+
+def _rank_zero() -> bool:
+    """Rank 0 of a torchrun run (read from RANK: the ranks join their group later, in the trainer)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _note(text: str) -> None:
+    if _rank_zero():
+        note(text)
+
+
+def _pick_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available, else the CPU; an unknown or missing device is an OptionError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("CUDA was requested but is not available")
+    return dev
+
+
+def _training_precision(precision: str, device: torch.device) -> str:
+    """The precision of training, feature caching and validation: as asked on CUDA, fp32 elsewhere."""
+    if device.type != "cuda":
+        return "fp32"
+    if precision not in PRECISION_CHOICES:
+        raise OptionError(f"unknown precision {precision!r}; choose {', '.join(PRECISION_CHOICES)}")
+    return precision
+
+
+def _folds(value: str | list[int] | None, flag: str) -> list[int] | None:
+    """`1,2,3` (or [1, 2, 3]) -> [1, 2, 3] (ESC-50 style folds); nothing -> None."""
+    if not value:
+        return None
+    if isinstance(value, list):
+        return [int(f) for f in value]
+    try:
+        return [int(f) for f in value.split(",") if f.strip()]
+    except ValueError:
+        raise OptionError(f"{flag} {value!r}: expected fold numbers such as 5 or 1,2,3,4") from None
+
+
+def _parse_norm(norm: str | list[float] | None, default: Any = None) -> str | tuple[float, float]:
+    """A preset name, `MEAN,STD` or [MEAN, STD] (finite, STD > 0); None -> `default` (the checkpoint's) or
+    AudioSet's."""
+    presets = ", ".join(NORMALIZATION)
+    if norm is None:
+        return default or "audioset"
+    if isinstance(norm, list) or "," in norm:
+        try:
+            mean, std = (float(v) for v in (norm if isinstance(norm, list) else norm.split(",")))
+        except ValueError:
+            raise OptionError(f"--norm {norm!r}: expected a preset ({presets}) or MEAN,STD") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise OptionError(f"--norm {norm!r}: MEAN and STD must be finite and STD positive")
+        return mean, std
+    if norm not in NORMALIZATION:
+        raise OptionError(f"--norm {norm!r}: unknown preset; choose {presets} or MEAN,STD")
+    return norm
+
+
+__all__ = [
+    "FinetuneRun",
+    "FinetuneSettings",
+    "SETTING_NAMES",
+    "classifier_task",
+    "merge_settings",
+    "read_config_file",
+    "read_sets",
+    "resolve_settings",
+    "run_finetuning",
+    "setup_finetuning",
+]
