@@ -8,11 +8,11 @@ return fp32, and `scatter` refused the mix), and CUDA fp32 inference equal to th
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 
 from sslam_core.inference.embeddings import embed
 from sslam_core.models.transformer import Encoder, preset
@@ -21,7 +21,6 @@ from sslam_core.training.pretraining import PretrainTask, objective_config, reso
 from sslam_core.training.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DATA = Path(__file__).parent / "data"
 
 
 class _Batches:

@@ -1,0 +1,141 @@
+"""`--precision auto`: the CPU capability detection, the choice it makes (on this CPU and with the
+capability forced through SSLAM_CPU_CAPABILITY), and the commands end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, sslam
+
+from sslam_core.models import precision
+from sslam_core.models.precision import (
+    CpuCapability,
+    auto_precision,
+    cpu_capability,
+    parse_flags,
+    resolve_precision,
+    strict_fp32,
+)
+
+TAGGER = ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_finetuned.pt"
+ENCODER = ROOT / "tests" / "fixtures" / "checkpoints" / "tiny_pretrain.pt"
+CLIP = ROOT / "tests" / "data" / "real_32k.wav"
+CPU = torch.device("cpu")
+
+
+def caps(text: str) -> CpuCapability:
+    return CpuCapability(parse_flags(text), "test")
+
+
+def test_parse_flags_and_names():
+    assert parse_flags(" AVX512F, avx512_bf16 +amx_bf16") == {"avx512f", "avx512_bf16", "amx_bf16"}
+    assert parse_flags("none") == frozenset() and parse_flags("") == frozenset()
+    assert [caps(t).name for t in ("amx_bf16,avx512f", "avx512f,avx512_bf16", "avx512f", "avx2", "")] == [
+        "AMX_BF16",
+        "AVX512_BF16",
+        "AVX512",
+        "AVX2",
+        "DEFAULT",
+    ]
+    assert str(caps("avx2")) == "AVX2 (test)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("avx2", "fp32"), ("avx2,avx512f,avx512_vnni", "fp32"), ("avx512f,avx512_bf16", "bf16"),
+     ("amx_bf16", "bf16"), ("none", "fp32")],
+)  # fmt: skip
+def test_auto_on_a_forced_cpu(flags, expected):
+    chosen, why = auto_precision(CPU, caps(flags))
+    assert chosen == expected and ("natively" in why) == (expected == "bf16")
+    assert resolve_precision("auto", CPU, caps(flags)) == expected
+
+
+def test_auto_on_gpus_and_other_devices():
+    cuda = torch.device("cuda")
+    assert auto_precision(cuda, cuda_bf16=True)[0] == "bf16"
+    assert auto_precision(cuda, cuda_bf16=False)[0] == "fp32"
+    assert auto_precision(torch.device("mps"))[0] == "fp32"
+    for explicit in ("fp32", "bf16", "fp16", "int8"):
+        assert resolve_precision(explicit, CPU, caps("avx2")) == explicit
+
+
+def test_this_cpu_is_detected(monkeypatch):
+    monkeypatch.delenv(precision.ENV, raising=False)
+    found = cpu_capability()
+    assert found.source in ("torch", "/proc/cpuinfo") or found.source.startswith("no detection")
+    flags = precision._cpuinfo_flags()
+    if flags is not None:  # Linux x86: torch's detection and the kernel's flags agree on bf16
+        assert found.native_bf16 == any(f in flags for f in precision.BF16_FLAGS)
+    assert auto_precision(CPU)[0] == ("bf16" if found.native_bf16 else "fp32")
+
+
+def test_override_and_cpuinfo_fallback(monkeypatch, tmp_path):
+    monkeypatch.setenv(precision.ENV, "avx2")
+    assert cpu_capability() == CpuCapability(frozenset({"avx2"}), precision.ENV)
+    monkeypatch.delenv(precision.ENV)
+    monkeypatch.setattr(precision, "_torch_flags", lambda: None)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    read = precision._cpuinfo_flags
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: read(info))
+    assert cpu_capability().native_bf16 and cpu_capability().source == "/proc/cpuinfo"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [("avx2", "fp32"), ("avx512f,avx512_bf16", "bf16")])
+def test_tag_auto_end_to_end(flags, expected):
+    args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "-k", "3", "--device", "cpu")
+    auto = sslam(*args, "--precision", "auto", env={precision.ENV: flags})
+    notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
+    assert len(notes) == 1 and f"runs {expected}:" in notes[0], auto.stderr
+    same = sslam(*args, "--precision", expected)
+    assert json.loads(auto.stdout) == json.loads(same.stdout)
+
+
+def test_extract_auto_end_to_end(tmp_path):
+    out = {}
+    for name, option in (("auto", "auto"), ("fp32", "fp32")):
+        out[name] = tmp_path / f"{name}.h5"
+        sslam("extract", CLIP, "-c", ENCODER, "-o", out[name], "--device", "cpu", "--precision", option,
+              env={precision.ENV: "avx2"})  # fmt: skip
+    with h5py.File(out["auto"]) as a, h5py.File(out["fp32"]) as b:
+        assert np.array_equal(a["clip"][:], b["clip"][:])
+
+
+def test_unknown_precision_is_one_line():
+    result = sslam("tag", CLIP, "-c", TAGGER, "--precision", "fp8", code=2)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "choose fp32, bf16, fp16, int8, auto" in lines[0]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_so():
+    args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "--device", "cpu", "--precision", "bf16")
+    emulated = sslam(*args, env={precision.ENV: "avx2"}).stderr
+    assert "no native bf16" in emulated and "AVX2" in emulated
+    assert "no native bf16" not in sslam(*args, env={precision.ENV: "avx512f,avx512_bf16"}).stderr
+
+
+def test_strict_fp32_turns_tf32_off_for_a_gpu_block_and_restores_it():
+    """`--precision fp32` on a GPU means IEEE fp32: PyTorch's default TF32 convolutions (the patch
+    embedding) moved a ViT-B's CUDA outputs from the CPU's; the block switches TF32 off and restores the
+    user's settings after, also when the block raises. Flags only: this runs on a CPU build too."""
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        with strict_fp32(torch.device("cuda")):
+            assert [k.fp32_precision for k in knobs] == ["ieee", "ieee"]
+        assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+        with pytest.raises(RuntimeError), strict_fp32(torch.device("cuda")):
+            raise RuntimeError("boom")
+        assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+        with strict_fp32(torch.device("cpu")):  # nothing to switch on a CPU
+            assert [k.fp32_precision for k in knobs] == ["tf32", "tf32"]
+    finally:
+        for k, v in zip(knobs, saved, strict=True):
+            k.fp32_precision = v
