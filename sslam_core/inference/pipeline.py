@@ -43,7 +43,7 @@ def default_batching(device: torch.device, batch_size: int | None, workers: int 
     """Windows per forward pass and decoding processes. On CPU: batches of 4 (the most clips/s of a
     ViT-B on 2 cores) and 0 processes, decoding in line: on the loaded 2-core development machine,
     3,000 FSDD files through a one-block model ran at 349 files/s in line vs 318 / 267 with 1 / 2
-    worker processes (one intra-op thread; scripts/bench_scale.py), and decoding a 10 s 44.1 kHz
+    worker processes (one intra-op thread; scripts/bench.py scale), and decoding a 10 s 44.1 kHz
     stereo file (~19 ms there) is ~3% of a ViT-B's 0.6 s per clip. On GPU: batches of 32 and 4
     processes to keep it fed (on one H200, scripts/gpu_check.py measured 8 / 16 / 24 processes at
     543 / 515 / 426 clips/s: the main process is the limit there, see docs/gpu.md)."""

@@ -1,18 +1,21 @@
-"""Time the batched Kaldi fbank against a per-clip loop (torchaudio's kaldi.fbank when it imports).
+"""The batched Kaldi fbank against a per-clip loop (torchaudio's kaldi.fbank when it imports).
 
-Usage: python scripts/bench_frontend.py [--clips 32] [--passes 10] [--threads 2] [--device cpu|cuda]
+    python scripts/bench.py frontend [--clips 32] [--passes 10] [--threads 2] [--device cpu|cuda]
+
+Seeded 10 s noise clips; prints ms/clip of both paths (median of --passes interleaved rounds after
+one warm-up round) and the speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from sslam_core.audio.frontend import fbank
+
+from .common import print_machine, timed
 
 
 def reference_loop() -> tuple[str, Callable[[torch.Tensor], list[torch.Tensor]]]:
@@ -35,47 +38,28 @@ def reference_loop() -> tuple[str, Callable[[torch.Tensor], list[torch.Tensor]]]
     ]
 
 
-def timed(fns: list[Callable[[], object]], device: torch.device, passes: int) -> list[float]:
-    """Median wall time of each function over `passes` interleaved rounds, after one warm-up round."""
-    times: list[list[float]] = [[] for _ in fns]
-    for round_ in range(passes + 1):
-        for fn, bucket in zip(fns, times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_:
-                bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def main() -> None:
-    """Build seeded 10-s noise clips and print ms/clip for both paths and the speed-up."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
 
+
+def run(args: argparse.Namespace) -> None:
+    """Build seeded noise clips and print ms/clip for both paths and the speed-up."""
     torch.set_num_threads(args.threads)
+    print_machine()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     waves = (0.1 * torch.randn(args.clips, int(args.seconds * 16000), generator=generator)).to(device)
 
     name, loop = reference_loop()
-    batched, looped = timed(
-        [lambda: fbank(waves - waves.mean(dim=1, keepdim=True)), lambda: loop(waves)], device, args.passes
-    )
+    runs = {"batched": lambda: fbank(waves - waves.mean(dim=1, keepdim=True)), "looped": lambda: loop(waves)}
+    times = timed(runs, repeats=args.passes, warmup=1, device=device)
+    batched, looped = times["batched"].median, times["looped"].median
     setup = f"{args.clips} x {args.seconds:g}-s clips, {args.threads} threads, median of {args.passes}"
     print(f"device {device}, {setup}")
     print(f"batched sslam fbank: {1000 * batched / args.clips:7.2f} ms/clip")
     print(f"{name + ':':<20} {1000 * looped / args.clips:7.2f} ms/clip")
     print(f"speed-up: {looped / batched:.2f}x")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,17 +1,19 @@
-"""Benchmark the CPU backends of a seeded ViT-B encoder in one process: torch fp32 (the baseline),
-torch bf16 autocast (only where the CPU has native bf16), torch dynamic int8 (`quantize_dynamic` on
-the Linear layers; deprecated in torch, kept for comparison), ONNX Runtime fp32 and ONNX Runtime int8
-(dynamic, MatMul weights). Prints seconds per clip, the ratio to torch fp32, the cosine of the CLS and
-patch outputs to torch fp32 on real clips, and the CPU capability it ran on; the last line is JSON.
+"""The CPU backends of a seeded ViT-B encoder in one process, and `sslam tag` fp32 vs int8 end to end.
+
+Backends: torch fp32 (the baseline), torch bf16 autocast (only where the CPU has native bf16), torch
+dynamic int8 (`quantize_dynamic` on the Linear layers; deprecated in torch, kept for comparison), ONNX
+Runtime fp32 and ONNX Runtime int8 (dynamic, MatMul weights). Prints seconds per clip, the ratio to
+torch fp32, the cosine of the CLS and patch outputs to torch fp32 on real clips, and the CPU capability
+it ran on; the last line is JSON.
 
 `--end-to-end` also times `sslam tag` itself, each run its own process, on the same files (--clips 10 s
 clips cut from real recordings, the test data by default) with a seeded ViT-B tagger (527 classes):
 fp32 against `--precision int8` (its int8 model quantised and cached by a first, untimed run), taking
 turns; it prints the median wall times, their ratio and the top-1 / top-5 agreement of the two.
 
-    .venv/bin/python scripts/bench_cpu_backends.py                 # batch 4, T = 1024, 2 threads
-    .venv/bin/python scripts/bench_cpu_backends.py --repeats 9 --threads 4
-    .venv/bin/python scripts/bench_cpu_backends.py --end-to-end --skip-backends --clips 16
+    python scripts/bench.py cpu-backends                 # batch 4, T = 1024, 2 threads
+    python scripts/bench.py cpu-backends --repeats 9 --threads 4
+    python scripts/bench.py cpu-backends --end-to-end --skip-backends --clips 16
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,11 +39,11 @@ from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.onnx_export import export_checkpoint, quantize_int8
 from sslam_core.models.onnx_runtime import open_session, run_session
-from sslam_core.models.precision import cpu_capability
 from sslam_core.models.transformer import Encoder, build_model, preset
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
+from .common import TEST_DATA, load_average, print_machine, timed
+from .extract import make_clips
+
 CLIPS = ("real_32k.wav", "acoustic_scene_2s.mp3", "robin.ogg", "typing_stereo_48k.flac")
 
 
@@ -57,22 +57,8 @@ def torch_int8(model: nn.Module) -> nn.Module:
 
 def clips(batch: int, frames: int) -> Tensor:
     """`batch` real clips (the test data, repeated as needed) as normalised model input."""
-    waves = [load_audio(str(DATA / CLIPS[i % len(CLIPS)])) for i in range(batch)]
+    waves = [load_audio(str(TEST_DATA / CLIPS[i % len(CLIPS)])) for i in range(batch)]
     return prepare_input(waves, target_length=frames)
-
-
-def seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each run over `repeats` rounds, after one warm-up call each. The backends
-    take turns within a round, so a load that changes during the benchmark weighs on all alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -92,8 +78,6 @@ def tag_agreement(a: list[dict], b: list[dict]) -> dict[str, float]:
 def end_to_end(clips: int, audio: Path, repeats: int, threads: int, seed: int) -> dict:
     """Wall time of `sslam tag` (a fresh process each: start-up, model load, decoding, fbank, model) on
     `clips` files, fp32 against --precision int8, the two taking turns `repeats` times."""
-    from bench_extract import make_clips
-
     with tempfile.TemporaryDirectory(prefix="sslam-e2e-") as tmp:
         folder = Path(tmp)
         torch.manual_seed(seed)
@@ -119,24 +103,16 @@ def end_to_end(clips: int, audio: Path, repeats: int, threads: int, seed: int) -
             "json",
         ]
 
-        def tag(precision: str) -> tuple[float, list[dict]]:
-            start = time.perf_counter()
+        def tag(precision: str) -> list[dict]:
             proc = subprocess.run([*cmd, "--precision", precision], capture_output=True, text=True, env=env)
             if proc.returncode:
                 raise SystemExit(f"sslam tag --precision {precision} failed: {proc.stderr.strip()[-500:]}")
-            return time.perf_counter() - start, [
-                json.loads(line) for line in proc.stdout.splitlines() if line
-            ]
+            return [json.loads(line) for line in proc.stdout.splitlines() if line]
 
-        first, _ = tag("int8")
+        first = timed({"int8": lambda: tag("int8")}, repeats=1, warmup=0)["int8"].median
         print(f"end to end: first --precision int8 run (export + quantise + cache) {first:.1f} s", flush=True)
-        times: dict[str, list[float]] = {"fp32": [], "int8": []}
-        outputs: dict[str, list[dict]] = {}
-        for _ in range(repeats):
-            for precision in times:
-                seconds_taken, outputs[precision] = tag(precision)
-                times[precision].append(seconds_taken)
-    median = {p: statistics.median(t) for p, t in times.items()}
+        times = timed({p: lambda p=p: tag(p) for p in ("fp32", "int8")}, repeats=repeats, warmup=0)
+    median = {p: t.median for p, t in times.items()}
     result = {
         "clips": clips,
         "repeats": repeats,
@@ -144,7 +120,7 @@ def end_to_end(clips: int, audio: Path, repeats: int, threads: int, seed: int) -
         "fp32_s": round(median["fp32"], 2),
         "int8_s": round(median["int8"], 2),
         "ratio": round(median["fp32"] / median["int8"], 2),
-        **tag_agreement(outputs["fp32"], outputs["int8"]),
+        **tag_agreement(times["fp32"].result, times["int8"].result),
     }
     print(f"end to end: sslam tag on {clips} x 10 s clips, median of {repeats}: fp32 {median['fp32']:.1f} s, "
           f"int8 {median['int8']:.1f} s, {result['ratio']:.2f}x; top-1 agreement {result['top1_agree']:.3f}, "
@@ -183,12 +159,12 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
         session = open_session(data, args.threads)
         runs[name] = lambda session=session: run_session(session, x)["features"]
 
-    reference = runs["torch fp32"]()
-    timed = seconds(runs, args.repeats)
+    times = timed(runs, repeats=args.repeats, warmup=1)
+    reference = times["torch fp32"].result
     rows = []
-    for name, run in runs.items():
-        per_clip = timed[name] / args.batch
-        out = run()
+    for name, timing in times.items():
+        per_clip = timing.median / args.batch
+        out = timing.result
         rows.append(
             {
                 "backend": name,
@@ -207,10 +183,7 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
@@ -219,23 +192,19 @@ def main() -> None:
     parser.add_argument("--end-to-end", action="store_true", help="also time `sslam tag` fp32 vs int8")
     parser.add_argument("--skip-backends", action="store_true", help="only the end-to-end part")
     parser.add_argument("--clips", type=int, default=16, help="end to end: 10 s clips")
-    parser.add_argument("--audio", type=Path, default=DATA, help="end to end: cut the clips from these")
+    parser.add_argument("--audio", type=Path, default=TEST_DATA, help="end to end: cut the clips from these")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="end to end: runs of each precision")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """The backend rows and/or the end-to-end comparison; the last line is JSON."""
     torch.set_num_threads(args.threads)
-    cpu = cpu_capability()
-    capability = f"{torch.backends.cpu.get_cpu_capability()} / {cpu.name}"
-    print(f"CPU: {platform.processor() or platform.machine()}, capability {capability} ({cpu.source}), "
-          f"native bf16 {cpu.native_bf16}, {args.threads} threads, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    summary = {"capability": capability, "native_bf16": cpu.native_bf16, "threads": args.threads}
+    machine = print_machine()
+    summary = {"machine": machine, "capability": machine["capability"], "native_bf16": machine["native_bf16"],
+               "threads": args.threads}  # fmt: skip
     if not args.skip_backends:
-        summary.update(batch=args.batch, frames=args.frames, results=backends(args, cpu.native_bf16))
+        summary.update(batch=args.batch, frames=args.frames, results=backends(args, machine["native_bf16"]))
     if args.end_to_end:
         summary["end_to_end"] = end_to_end(args.clips, args.audio, args.e2e_repeats, args.threads, args.seed)
-    summary["load_average_end"] = round(os.getloadavg()[0], 2)
+    summary["load_average_end"] = load_average()
     print(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    main()

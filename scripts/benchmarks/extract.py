@@ -1,4 +1,4 @@
-"""End-to-end extraction benchmark: `sslam extract`'s pipeline vs a per-file loop.
+"""End-to-end extraction: `sslam extract`'s pipeline vs a per-file loop, then its peak memory.
 
 Ours: decoding threads, windows batched across files, fbank on the device, SDPA encoder.
 Baseline (the official route): for each file, decode, resample, fbank, forward with batch 1 through an
@@ -6,7 +6,7 @@ encoder with explicit attention (the official structure), same weights. Both run
 weights in fp32 on CPU with 2 threads over 64 x 10 s 44.1 kHz stereo wavs, and must agree to 1e-4.
 Then the peak memory of `sslam extract` on one 1-hour 48 kHz stereo file, in a child process.
 
-    .venv/bin/python scripts/bench_extract.py [--clips 64] [--audio DIR] [--hours 1.0]
+    python scripts/bench.py extract [--clips 64] [--audio DIR] [--hours 1.0]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from bench_encoder import RefEncoder
 
 from sslam_core.audio.frontend import prepare_input
 from sslam_core.audio.resample import resample
@@ -31,7 +30,8 @@ from sslam_core.inference.pipeline import default_batching
 from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.transformer import Encoder, preset
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import print_machine, timed
+from .reference import RefEncoder
 
 
 def make_clips(folder: Path, n: int, audio: Path | None, seconds: float = 10.0, sr: int = 44100) -> list[str]:
@@ -86,15 +86,19 @@ def peak_memory_mb(hours: float, ckpt: Path, folder: Path) -> tuple[float, float
     return float(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--audio", type=Path, help="folder of real recordings to cut the clips from")
     parser.add_argument("--batch-size", type=int, help="default: the library's CPU default")
     parser.add_argument("--workers", type=int, help="default: the library's CPU default")
     parser.add_argument("--hours", type=float, default=1.0, help="length of the memory test file (0 = skip)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Both routes once over the same clips (after a warm-up on two): clips/s, speed-up, difference;
+    then the memory test; the last line is JSON."""
     torch.set_num_threads(2)
+    machine = print_machine()
     torch.manual_seed(0)
     args.batch_size, args.workers = default_batching(torch.device("cpu"), args.batch_size, args.workers)
 
@@ -110,13 +114,14 @@ def main() -> None:
         baseline(paths[:2], ref)  # warm-up
         list(embed(ours, paths[:2], batch_size=2))
 
-        start = time.perf_counter()
-        ref_clip = baseline(paths, ref)
-        t_ref = time.perf_counter() - start
-        start = time.perf_counter()
-        recs = list(embed(ours, paths, batch_size=args.batch_size, workers=args.workers))
-        t_ours = time.perf_counter() - start
-        diff = float(np.abs(np.stack([r.clip for r in recs]) - ref_clip).max())
+        runs = {
+            "baseline": lambda: baseline(paths, ref),
+            "ours": lambda: list(embed(ours, paths, batch_size=args.batch_size, workers=args.workers)),
+        }
+        times = timed(runs, repeats=1, warmup=0)
+        t_ref, t_ours = times["baseline"].median, times["ours"].median
+        clips = np.stack([r.clip for r in times["ours"].result])
+        diff = float(np.abs(clips - times["baseline"].result).max())
         result = {
             "clips": args.clips,
             "baseline_clips_per_s": round(args.clips / t_ref, 3),
@@ -139,8 +144,5 @@ def main() -> None:
                 f"peak memory of sslam extract on a {args.hours} h 48 kHz stereo file: {mb:.0f} MB "
                 "(target <= 1536)"
             )
+        result["machine"] = machine
         print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

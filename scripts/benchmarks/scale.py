@@ -1,17 +1,16 @@
-"""Corpus-scale inference benchmarks, one function per measurement (`--only NAME` runs some of them).
+"""Corpus-scale inference, one function per measurement (`--only NAME` runs some of them).
 
 overhead: the pipeline around the model: many short files (FSDD: ~3,000 wavs of ~0.4 s at 8 kHz)
   through a tiny seeded encoder (one block, 0.64 s windows) with `embeddings.embed`, decoded in the
   main process (in line, or by 2 threads) and by 1 and 2 worker processes. Prints files/s of each,
-  the ratio to the best single-process figure, the largest difference of the clip vectors from the
-  in-line run, the CPU capability, the cores and the load average (other work on the machine
-  slows every figure).
+  the ratio to the best single-process figure and the largest difference of the clip vectors from
+  the in-line run (the machine line first: other work on the machine slows every figure).
 
 torchrun: `sslam extract` of 10 s clips through a seeded `small` encoder, `torchrun` with 2 processes
   vs 1 process, each with cores / 2 intra-op threads; clips/s end to end (start-up and merge
   included), the ratio, and whether the two HDF5 files hold the same values.
 
-    python scripts/bench_scale.py DATA_ROOT [--files N] [--rounds 2] [--torch-threads T]
+    python scripts/bench.py scale DATA_ROOT [--files N] [--rounds 2] [--torch-threads T]
                                   [--only overhead torchrun] [--torchrun-clips 32]
 
 Prints one JSON object at the end: {"machine": {...}, NAME: {...}, ...}.
@@ -22,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,8 @@ import torch
 
 from sslam_core.inference.embeddings import embed
 from sslam_core.models.transformer import Encoder, preset
+
+from .common import load_average, print_machine, timed
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -49,16 +52,6 @@ def tiny_model(depth: int = 1, seed: int = 0) -> Encoder:
     return Encoder(preset("tiny", depth=depth)).eval()
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
-    return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
-
-
 def measure_overhead(args: argparse.Namespace) -> dict:
     """Files/s of the inference pipeline over short files: decoding in the main process vs in workers."""
     paths = audio_files(args.data_root, args.files)
@@ -71,14 +64,13 @@ def measure_overhead(args: argparse.Namespace) -> dict:
         "processes_2": (2, True),
     }
     list(embed(model, paths[:64], workers=0, **options))  # warm-up
-    rates: dict[str, float] = {}
-    clips: dict[str, np.ndarray] = {}
-    for _ in range(args.rounds):  # interleaved rounds, best of each: other load comes and goes
-        for name, (workers, processes) in configs.items():
-            start = time.perf_counter()
-            recs = list(embed(model, paths, workers=workers, processes=processes, **options))
-            rates[name] = max(rates.get(name, 0.0), len(paths) / (time.perf_counter() - start))
-            clips[name] = np.stack([r.clip for r in recs])
+    runs = {
+        name: lambda w=workers, p=processes: list(embed(model, paths, workers=w, processes=p, **options))
+        for name, (workers, processes) in configs.items()
+    }
+    times = timed(runs, repeats=args.rounds, warmup=0)  # best of each: other load comes and goes
+    rates = {name: len(paths) / t.best for name, t in times.items()}
+    clips = {name: np.stack([r.clip for r in t.result]) for name, t in times.items()}
     single = max(rates["in_line"], rates["threads_2"])
     out = {
         "files": len(paths),
@@ -98,10 +90,6 @@ def measure_torchrun(args: argparse.Namespace) -> dict:
     """Throughput of `sslam extract` under `torchrun` with 2 processes vs 1, each process given the
     same intra-op threads (cores / 2), on 10 s clips through a seeded `small` encoder; end to end,
     start-up and merge included, and the two outputs compared value for value."""
-    import subprocess
-    import sys
-    import tempfile
-
     import h5py
     import soundfile as sf
 
@@ -125,14 +113,16 @@ def measure_torchrun(args: argparse.Namespace) -> dict:
             "1_process": [sys.executable],
             "2_processes": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
         }
-        seconds: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for name, launcher in launch.items():
-                out = root / f"{name}.h5"
-                start = time.perf_counter()
-                subprocess.run([*launcher, *common, "-o", str(out), "--overwrite"], env=env, check=True,
-                               capture_output=True)  # fmt: skip
-                seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+        runs = {
+            name: lambda name=name, launcher=launcher: subprocess.run(
+                [*launcher, *common, "-o", str(root / f"{name}.h5"), "--overwrite"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            for name, launcher in launch.items()
+        }
+        seconds = {name: t.best for name, t in timed(runs, repeats=args.rounds, warmup=0).items()}
         with h5py.File(root / "1_process.h5") as a, h5py.File(root / "2_processes.h5") as b:
             same = bool(np.array_equal(a["clip"][()], b["clip"][()])) and list(a["paths"]) == list(b["paths"])
     rates = {k: args.torchrun_clips / v for k, v in seconds.items()}
@@ -160,8 +150,7 @@ MEASUREMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_root", type=Path, help="folder searched for audio files (e.g. FSDD)")
     parser.add_argument("--only", nargs="+", choices=list(MEASUREMENTS), help="measurements to run [all]")
     parser.add_argument("--files", type=int, help="use the first N files only [all]")
@@ -172,20 +161,14 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, help="intra-op threads of the model [torch's default]")
     parser.add_argument("--torchrun-clips", type=int, default=32, help="torchrun: 10 s clips [32]")
     parser.add_argument("--torchrun-model", default="small", help="torchrun: encoder preset [small]")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """The chosen measurements in turn, then one JSON object of all of them."""
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    results: dict = {"machine": machine()}
-    print(
-        f"CPU {results['machine']['cpu_capability']}, {results['machine']['cores']} cores, "
-        f"{results['machine']['torch_threads']} torch threads, load average "
-        f"{results['machine']['load_average_1min']} at the start"
-    )
+    results: dict = {"machine": print_machine()}
     for name in args.only or MEASUREMENTS:
         results[name] = MEASUREMENTS[name](args)
-    results["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    results["machine"]["load_average_1min_at_end"] = load_average()
     print(json.dumps(results))
-
-
-if __name__ == "__main__":
-    main()

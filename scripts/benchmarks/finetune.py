@@ -1,15 +1,15 @@
-"""Time one full fine-tuning update (augment, forward, BCE, backward, clip, AdamW with layer decay).
+"""One full fine-tuning update (augment, forward, BCE, backward, clip, AdamW with layer decay).
 
-    python scripts/bench_finetune.py [--model small] [--batch-size 4] [--target-length 1024] [--steps 3]
+    python scripts/bench.py finetune [--model small] [--batch-size 4] [--target-length 1024] [--steps 3]
 
 Inputs are random normalised fbank batches on the chosen device, so the figure is the model's training
 step alone (audio decoding and fbank run in DataLoader workers / one batched call in `AudioBatches`).
+There is no baseline: it prints the best and mean s/step over --steps after one warm-up step.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -18,11 +18,10 @@ from sslam_core.models.transformer import Classifier, count_flops, preset
 from sslam_core.training.finetuning import classification_loss
 from sslam_core.training.optim import build_optimizer, set_lr
 
+from .common import print_machine, timed
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--target-length", type=int, default=1024)
@@ -30,10 +29,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    """A seeded classifier and one fixed random batch: s/step (best, mean), clips/s and GFLOP/s."""
     if args.threads:
         torch.set_num_threads(args.threads)
-
+    print_machine()
     torch.manual_seed(0)
     cfg = preset(args.model, num_classes=args.classes, drop_path=0.1)
     model = Classifier(cfg).to(args.device).train()
@@ -51,17 +53,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
         return float(loss.detach())
 
-    step()  # warm-up
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    best, mean = min(times), sum(times) / len(times)
+    timing = timed({"step": step}, repeats=args.steps, warmup=1, device=args.device)["step"]
+    best, mean = timing.best, timing.mean
     flops = 3 * count_flops(cfg, args.target_length) * args.batch_size  # forward + ~2x for backward
     print(
         f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), batch "
@@ -69,7 +64,3 @@ def main() -> None:
         f"{best:.2f} s/step best, {mean:.2f} s mean of {args.steps} ({args.batch_size / best:.2f} clips/s, "
         f"{flops / best / 1e9:.1f} GFLOP/s)"
     )
-
-
-if __name__ == "__main__":
-    main()
