@@ -30,7 +30,7 @@ from sslam_cli.options import (
     pick_device,
     warn,
 )
-from sslam_core.audio.constants import frames_to_seconds
+from sslam_core.audio.constants import SAMPLE_RATE, frames_to_seconds
 
 
 def extract(
@@ -146,7 +146,7 @@ def extract(
         "checkpoint_sha256": info.get("sha256", "") if isinstance(info, dict) else "",
         "teacher": teacher,
         "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
-        "sample_rate": 16000,
+        "sample_rate": SAMPLE_RATE,
         "target_length": target_length,
         "window": frames_to_seconds(target_length),
         "hop": frames_to_seconds(hop_frames),

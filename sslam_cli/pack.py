@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from sslam_cli.options import fail, warn
+from sslam_core.audio.constants import SAMPLE_RATE
 
 
 def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
@@ -66,7 +67,7 @@ def pack(
         fail(str(output_error(out, e)))
     for path, reason in report.skipped:
         warn(f"{path}: {reason}")
-    hours = report.samples / 16000 / 3600
+    hours = report.samples / SAMPLE_RATE / 3600
     typer.echo(
         f"packed {report.clips} clips ({hours:.2f} h) into {out}: {report.shards_written} shards written, "
         f"{report.shards_reused} already done, {len(report.skipped)} unreadable files skipped"

@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from sslam_core.audio.constants import SAMPLE_RATE
 from sslam_core.audio.files import (
     AV_EXTENSIONS,
     AV_FALLBACK_EXTENSIONS,
@@ -287,7 +288,7 @@ def audio_info(path: AudioInput) -> tuple[int, int, int, float]:
 
 
 def stream_audio(
-    path: AudioInput, sample_rate: int = 16000, block_seconds: float = 30.0
+    path: AudioInput, sample_rate: int = SAMPLE_RATE, block_seconds: float = 30.0
 ) -> Iterator[torch.Tensor]:
     """Yield 1-D float32 mono blocks at sample_rate; memory stays bounded however long the file is.
     `path` may also be an `AudioFile` (a tar member) or a `SHARD.tar/MEMBER` name."""
@@ -317,7 +318,7 @@ def stream_audio(
         yield rest
 
 
-def load_audio(path: AudioInput, sample_rate: int = 16000) -> torch.Tensor:
+def load_audio(path: AudioInput, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Decode a whole file to 1-D float32 mono at sample_rate (channels averaged, then resampled).
     `path` may also be an `AudioFile` (a tar member) or a `SHARD.tar/MEMBER` name."""
     path = resolve_input(path)

@@ -82,7 +82,7 @@ def fbank_stats(
     batch_size: int = 16,
     workers: int = 2,
     device: str | torch.device = "cpu",
-    max_batch_samples: int = 16000 * 600,
+    max_batch_samples: int = SAMPLE_RATE * 600,
     progress: Callable[[str | None], None] | None = None,
 ) -> FbankStats:
     """Mean and std of the fbank values of `paths` (real frames only, first `target_length` if given).

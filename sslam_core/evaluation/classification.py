@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sslam_core.audio.constants import SAMPLE_RATE
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.files import AudioError
 from sslam_core.data.datasets import LabelledSet
@@ -185,13 +186,13 @@ def _source(example, skipped: list[str]):
     if example.offset is None:
         return example.source
     try:
-        wave = load_audio(example.path, 16000)
+        wave = load_audio(example.path, SAMPLE_RATE)
     except AudioError as e:
         skipped.append(str(e))
         return None
-    start = int(round(example.offset * 16000))
-    stop = None if example.duration is None else start + int(round(example.duration * 16000))
-    return wave[start:stop], 16000
+    start = int(round(example.offset * SAMPLE_RATE))
+    stop = None if example.duration is None else start + int(round(example.duration * SAMPLE_RATE))
+    return wave[start:stop], SAMPLE_RATE
 
 
 def predict(
