@@ -10,6 +10,7 @@ import typer
 from tqdm import tqdm
 
 from sslam_cli.options import (
+    EXIT_OK,
     BatchSize,
     Device,
     Hop,
@@ -156,7 +157,9 @@ def extract(
         "normalization": json.dumps(normalization),
         "version": sslam_core.__version__,
     }
-    bar = tqdm(total=len(inputs), unit="file", file=err_console.file, disable=not distributed.is_main())
+    bar = tqdm(
+        total=len(inputs), unit="file", file=err_console.file, disable=not distributed.is_main(), delay=0.5
+    )
 
     def on_share(count: int) -> None:  # under torchrun, this rank's files
         bar.reset(total=count)
@@ -201,6 +204,9 @@ def extract(
     distributed.cleanup(sync=False)  # every rank has passed the last collective step
     if summary.interrupted:
         interrupted(stop, summary.resumed + summary.written)
+    if summary.complete:
+        note(f"{output} is already complete ({summary.resumed} file(s), these settings); nothing to resume")
+        raise typer.Exit(EXIT_OK)
     note(
         f"wrote {summary.written} file(s) to {output}"
         + (f" ({summary.resumed} from the interrupted run)" if summary.resumed else "")

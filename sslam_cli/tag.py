@@ -10,6 +10,7 @@ import typer
 from tqdm import tqdm
 
 from sslam_cli.options import (
+    EXIT_OK,
     BatchSize,
     Device,
     EventThreshold,
@@ -231,6 +232,9 @@ def tag(
         if summary.interrupted:
             interrupted(stop, summary.tagged + summary.skipped, resumable=output is not None)
     distributed.cleanup(sync=False)
+    if summary.complete:
+        note(f"{output} is already complete ({summary.resumed} file(s), these settings); nothing to resume")
+        raise typer.Exit(EXIT_OK)
     if len(inputs) > 1 or summary.skipped:
         note(f"tagged {summary.tagged} file(s), skipped {summary.skipped}")
     raise typer.Exit(exit_status(summary.tagged, summary.skipped))

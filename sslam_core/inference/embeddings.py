@@ -19,7 +19,8 @@ from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
 from sslam_core.inference.pipeline import feature_head, run_windows
 from sslam_core.inference.windows import FileResult, Shifted, Source
 from sslam_core.runs import distributed
-from sslam_core.runs.feature_store import FeatureStore, Record
+from sslam_core.runs.feature_store import FeatureStore, Record, finished_digest
+from sslam_core.runs.outputs import finished_refusal, is_finished, settings_digest
 
 GRANULARITIES = ("clip", "frame", "patch")
 FRAME_HOPS = (0.16, 0.08, 0.04, 0.02, 0.01)  # 160 ms / 1, 2, 4, 8, 16 passes, in whole 10 ms frames
@@ -144,6 +145,7 @@ class ExtractSummary:
     resumed: int
     out: Path
     interrupted: bool = False
+    complete: bool = False  # --resume found the output finished with these settings: nothing was done
 
 
 def sha256_file(path: str | Path) -> str:
@@ -188,6 +190,10 @@ def extract_to_h5(
     """
     keep = granularities(features.granularity)
     window, hop = options.target_length, options.window_hop
+    if resume and is_finished(out):  # a finished output is left as it is
+        if finished_digest(out) != settings_digest(settings, names):
+            raise finished_refusal(out)
+        return ExtractSummary(0, [], len(names), Path(out), complete=True)
     store = FeatureStore(Path(out), settings, keep, resume=resume, flush_files=flush_files)
     done = store.done() if resume else set()
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]

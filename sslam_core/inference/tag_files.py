@@ -40,7 +40,13 @@ from sslam_core.inference.options import PipelineOptions
 from sslam_core.inference.partition import my_share, report_done, wait_for_ranks
 from sslam_core.inference.tagging import TagResult, tag
 from sslam_core.runs import distributed
-from sslam_core.runs.outputs import OutputError
+from sslam_core.runs.outputs import (
+    OutputError,
+    finished_refusal,
+    is_finished,
+    recorded_settings,
+    settings_digest,
+)
 from sslam_core.runs.text_journal import TextJournal
 
 FORMATS = ("table", "json", "csv")
@@ -75,6 +81,7 @@ class TagSummary:
     skipped: int
     interrupted: bool = False
     resumed: int = 0
+    complete: bool = False  # --resume found the output finished with these settings: nothing was done
 
 
 def header(fmt: str) -> str:
@@ -220,6 +227,10 @@ def tag_files(
     current file. Under torchrun rank 0 writes (or echoes) everything once every rank has finished.
     """
     stop = stop or (lambda: False)
+    if resume and output is not None and is_finished(output):  # a finished output is left as it is
+        if recorded_settings(output) != settings_digest(settings or {}):
+            raise finished_refusal(output)
+        return TagSummary(0, 0, resumed=len(files), complete=True)
     journal, scratch = open_journal(output, settings or {}, resume, report)
     if journal is None:
         echo(header(report.fmt))

@@ -172,8 +172,21 @@ class _Pool:
     def _start(self) -> _Worker:
         return _Worker(self.ctx, self.fn, self.tasks, self.workers)
 
-    def submit(self, key: int) -> None:
-        min(self.workers, key=lambda w: len(w.keys)).give(key)
+    def submit(self, key: int, done: dict[int, Any]) -> None:
+        """Give task `key` to the least busy worker. A worker found dead here (it died idle, or since
+        the last `collect`) is replaced as `collect` would, and the task goes to another one."""
+        while True:
+            w = min(self.workers, key=lambda w: len(w.keys))
+            try:
+                if not w.process.is_alive():
+                    raise BrokenPipeError("the worker has died")
+                w.give(key)
+                return
+            except OSError:
+                if key in w.keys:
+                    w.keys.remove(key)
+                self._drain(w, done, block=False)  # results it sent before it died
+                self._replace(w, done)
 
     @property
     def depth(self) -> int:
@@ -257,7 +270,7 @@ def ordered_map(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int) ->
         for nxt in range(len(tasks)):
             while nxt not in done:
                 while submitted < len(tasks) and submitted - nxt < pool.depth * workers and pool.has_room():
-                    pool.submit(submitted)
+                    pool.submit(submitted, done)
                     submitted += 1
                 pool.collect(done)
             yield done.pop(nxt)

@@ -35,10 +35,11 @@ import numpy as np
 
 from sslam_core.errors import OptionError, SslamError
 from sslam_core.runs import distributed
-from sslam_core.runs.outputs import OutputError, atomic_write, output_error, write_text
+from sslam_core.runs.outputs import OutputError, atomic_write, output_error, settings_digest, write_text
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings.json"
+DIGEST = "settings_digest"  # attribute: the fingerprint of the settings and inputs (outputs.settings_digest)
 COMPRESSIONS = ("none", "gzip", "lzf")
 SLAB_ROWS = 1024  # rows gathered before one write of each dataset
 ROW_CHUNK_BYTES = 1 << 20  # about this much per chunk of a (rows, D) dataset
@@ -79,6 +80,7 @@ class FeatureStore:
     _run: int = 0
     _rank: int = 0
     _last_flush: float = field(default_factory=time.monotonic)
+    _order: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -98,7 +100,7 @@ class FeatureStore:
             if (self.parts / SETTINGS).read_text() != settings_json:
                 raise StoreError(
                     f"{self.out}: cannot resume, the unfinished run used other settings "
-                    f"(see {self.parts / SETTINGS}); run without --resume to start over"
+                    f"(see {self.parts / SETTINGS}); pass --overwrite to start over"
                 )
             return self._next_run()
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -168,6 +170,7 @@ class FeatureStore:
         """Merge the journal into the HDF5 output, files in `order`; returns (written, errors). One
         process merges (rank 0 under torchrun, once every rank has flushed its parts)."""
         self.flush()
+        self._order = list(order)
         if compression not in COMPRESSIONS:
             raise OptionError(f"compression {compression!r}: choose {', '.join(COMPRESSIONS)}")
         rank = {p: i for i, p in enumerate(order)}
@@ -212,6 +215,7 @@ class FeatureStore:
         """The HDF5 file from `items` ((part, good row) in output order), slab by slab."""
         for key, value in self.settings.items():
             h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value, default=str)
+        h5.attrs[DIGEST] = settings_digest(self.settings, self._order)  # for --resume on a finished file
         n = len(items)
         ragged = [g for g in ("patch", "frame") if g in self.granularities]
         reader = _PartReader(parts, items, ragged)
@@ -324,3 +328,13 @@ def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
     n = ds.shape[0]
     ds.resize(n + len(values), axis=0)
     ds[n:] = values
+
+
+def finished_digest(out: str | Path) -> str | None:
+    """The settings fingerprint a finished HDF5 output records (None: none, or not readable)."""
+    try:
+        with h5py.File(out, "r") as h5:
+            value = h5.attrs.get(DIGEST)
+    except (OSError, ValueError):
+        return None
+    return str(value) if value is not None else None

@@ -13,10 +13,12 @@ Every command writes its results through these helpers, so the rules are the sam
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,58 @@ def torch_save(obj: Any, path: str) -> None:
             if writer.error is not None:
                 raise writer.error from None
             raise
+
+
+# --- Finished outputs -----------------------------------------------------------------------------------
+# A journaled output (`OUT.parts/` while the run goes on) is finished once the journal is gone. Its
+# settings travel with it as a fingerprint, so that `--resume` can tell "already complete" from "made
+# with other settings": HDF5 outputs keep it as an attribute; text outputs as the extended attribute
+# below where the file system has them (Linux), else it cannot be told and `--resume` refuses.
+
+SETTINGS_XATTR = "user.sslam.settings"
+
+
+def settings_digest(settings: dict, names: Sequence[str] | None = None) -> str:
+    """The fingerprint of a run's settings (and of its inputs' names, when not in the settings)."""
+    blob = {"settings": settings} if names is None else {"settings": settings, "inputs": list(names)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def journal_of(path: str | os.PathLike) -> Path:
+    """The journal folder of a resumable output: `OUT.parts`."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def is_finished(path: str | os.PathLike) -> bool:
+    """An output that exists and has no journal of an unfinished run beside it."""
+    return Path(path).exists() and not journal_of(path).exists()
+
+
+def record_settings(path: str | os.PathLike, digest: str) -> None:
+    """Keep `digest` with the file (an extended attribute; silently nothing where there are none)."""
+    try:
+        os.setxattr(path, SETTINGS_XATTR, digest.encode("ascii"))
+    except (AttributeError, OSError):
+        pass
+
+
+def recorded_settings(path: str | os.PathLike) -> str | None:
+    """The digest `record_settings` kept with the file, if any."""
+    try:
+        return os.getxattr(path, SETTINGS_XATTR).decode("ascii")
+    except (AttributeError, OSError, UnicodeDecodeError):
+        return None
+
+
+class FinishedOutputError(SslamError):
+    """`--resume` on a finished output made with other settings or inputs: it is left as it is."""
+
+
+def finished_refusal(path: str | os.PathLike) -> FinishedOutputError:
+    """The error for `--resume` on a finished output made with other settings or inputs (or whose
+    settings cannot be told)."""
+    return FinishedOutputError(
+        f"{path}: already complete, written with other settings or inputs (or they cannot be told); "
+        "--resume only finishes an interrupted run: pass --overwrite to replace it"
+    )

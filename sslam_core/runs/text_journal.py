@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sslam_core.runs import distributed
-from sslam_core.runs.outputs import OutputError, atomic_write, output_error
+from sslam_core.runs.outputs import OutputError, atomic_write, output_error, record_settings, settings_digest
 
 SETTINGS = "settings.json"
 _INDEX = re.compile(r"index-(\d+)-(\d+)\.jsonl")
@@ -39,6 +39,7 @@ class TextJournal:
         self.header = header
         self.done: dict[str, str | None] = {}  # name -> error (None when it succeeded)
         self._spans: dict[str, tuple[str, int, int]] = {}  # name -> (stream, start, end)
+        self.digest = settings_digest(settings)
         wanted = json.dumps(settings, sort_keys=True, default=str)
         self.run = distributed.on_main(lambda: self._open(wanted, resume))
         self._read_indexes()
@@ -64,7 +65,7 @@ class TextJournal:
                     raise OutputError(
                         0,
                         f"{self.out}: cannot resume, the unfinished run used other settings or an older "
-                        f"version (see {self.parts / SETTINGS}); run without --resume to start over",
+                        f"version (see {self.parts / SETTINGS}); pass --overwrite to start over",
                     )
                 return 1 + max((int(m.group(1)) for m in self._indexes()), default=0)
             shutil.rmtree(self.parts, ignore_errors=True)
@@ -151,6 +152,7 @@ class TextJournal:
                     src = handles[stream]
                     src.seek(start)
                     f.write(src.read(end - start))
+            record_settings(tmp, self.digest)  # so that --resume can tell this output is complete
 
         try:
             atomic_write(self.out, write)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DATA, child_pids
+from conftest import DATA, TINY_PRETRAIN, child_pids
 
 from sslam_core.audio.files import AudioSource
 from sslam_core.inference.options import PipelineOptions
@@ -200,3 +200,36 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_to_a_worker_mid_run_costs_at_most_its_file(tmp_path):
+    """A real `sslam extract --workers 2` over many files, one of its decoding processes SIGKILLed from
+    outside in the middle of the run: the run goes on to the end, every other file is written, and
+    the killed process's file (if it held one) is one `skipped:` line naming the signal. It used to
+    stop the whole run at once, silently, with exit status 1."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        sf.write(folder / f"c{i:03d}.wav", (0.1 * rng.standard_normal(4000)).astype(np.float32), 8000)
+    out = tmp_path / "out.h5"
+    cmd = [sys.executable, "-m", "sslam_cli", "extract", str(folder), "-c", TINY_PRETRAIN, "-o", str(out)]
+    proc = subprocess.Popen([*cmd, "--workers", "2", "--flush-every", "1"], stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "out.h5.parts"
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("part-*.npz"))) < 20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # wait for the run to be well under way
+    workers = child_pids(proc.pid)
+    assert proc.poll() is None and workers, "the run ended before a worker could be killed"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    skipped = [line for line in stderr.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) <= 1 and all("killed by SIGKILL" in line for line in skipped), stderr
+    assert proc.returncode == (1 if skipped else 0), stderr
+    import h5py
+
+    with h5py.File(out) as h5:
+        assert len(h5["paths"]) + len(skipped) == 400
+    assert child_pids(proc.pid) == []
