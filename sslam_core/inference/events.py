@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -79,22 +80,47 @@ class Event:
     score: float
 
 
+def _coverage(
+    segments: Sequence[tuple[float, float, np.ndarray]], duration: float, step: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, first, end, count): the start of every step of `step` s over [0, duration], and for each
+    window the range [first, end) of steps whose centre it covers, and how many windows cover each
+    step. Windows cover contiguous steps, so this is two binary searches a window."""
+    n = max(1, int(np.ceil(duration / step - 1e-9)))
+    starts = np.arange(n) * step
+    centres = np.minimum(starts + step / 2, duration)
+    spans = np.array([(a, b) for a, b, _ in segments], dtype=np.float64).reshape(-1, 2)
+    first = np.searchsorted(centres, spans[:, 0], side="left")
+    end = np.searchsorted(centres, spans[:, 1], side="right")
+    count = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(count, first, 1)
+    np.add.at(count, end, -1)
+    return starts, first, end, np.cumsum(count[:-1])
+
+
+def _covered_mean(values: np.ndarray, first: np.ndarray, end: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Per step, the mean of `values` (W, ...) over the windows covering it (NaN where none does): a
+    running sum of the windows entering and leaving, linear in windows + steps."""
+    n = len(count)
+    total = np.zeros((n + 1, *values.shape[1:]), dtype=np.float64)
+    np.add.at(total, first, values)
+    np.add.at(total, end, -values)
+    total = np.cumsum(total[:-1], axis=0)
+    shape = (n,) + (1,) * (values.ndim - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count.reshape(shape) > 0, total / count.reshape(shape), np.nan)
+
+
 def step_scores(
     segments: Sequence[tuple[float, float, np.ndarray]], duration: float, step: float = STEP_SECONDS
 ) -> tuple[np.ndarray, np.ndarray]:
     """(starts, scores): the start time of every step of `step` s over [0, duration] and its (S, C)
     scores, the mean over the windows `(start, end, scores)` covering the step's centre (NaN where no
-    window does, as between windows when the hop is longer than the window)."""
-    n = max(1, int(np.ceil(duration / step - 1e-9)))
-    starts = np.arange(n) * step
-    centres = np.minimum(starts + step / 2, duration)
-    spans = np.array([(a, b) for a, b, _ in segments], dtype=np.float64)
+    window does, as between windows when the hop is longer than the window). Time and memory are
+    linear in windows + steps (the steps of a day-long file at 160 ms are 540,000)."""
+    starts, first, end, count = _coverage(segments, duration, step)
     scores = np.stack([s for _, _, s in segments]).astype(np.float64)
-    covers = (spans[:, :1] <= centres[None]) & (centres[None] <= spans[:, 1:])  # (W, S)
-    count = covers.sum(axis=0)
-    total = covers.T.astype(np.float64) @ scores
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return starts, np.where(count[:, None] > 0, total / count[:, None], np.nan)
+    return starts, _covered_mean(scores, first, end, count)
 
 
 FRAME_SCORES = ("window", "token")
@@ -186,23 +212,49 @@ def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
     half = width // 2
     padded = np.pad(x, ((half, half), (0, 0)), mode="edge")
     windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=0)
-    return np.nanmedian(windows, axis=-1) if np.isnan(x).any() else np.median(windows, axis=-1)
+    if not np.isnan(x).any():
+        return np.median(windows, axis=-1)
+    with warnings.catch_warnings():  # steps no window covers stay NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(windows, axis=-1)
 
 
 def _runs(on: np.ndarray, hold: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) step ranges that begin where `on` and continue while `hold` (hysteresis)."""
-    runs, i, n = [], 0, len(on)
-    while i < n:
-        if on[i]:
-            j = i
-            while j < n and hold[j]:
-                j += 1
-            j = max(j, i + 1)
-            runs.append((i, j))
-            i = j
+    """[start, end) step ranges that begin where `on` and continue while `hold` (hysteresis; `on`
+    implies `hold`): in each stretch of `hold`, from its first `on` step to the stretch's end."""
+    if not on.any():
+        return []
+    edges = np.diff(np.concatenate([[0], hold.astype(np.int8), [0]]))
+    stretch_start, stretch_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    on_steps = np.flatnonzero(on)
+    k = np.minimum(np.searchsorted(on_steps, stretch_start), len(on_steps) - 1)
+    first_on = on_steps[k]
+    keep = (first_on >= stretch_start) & (first_on < stretch_end)
+    return list(zip(first_on[keep].tolist(), stretch_end[keep].tolist(), strict=True))
+
+
+def class_events(
+    starts: np.ndarray, column: np.ndarray, duration: float, c: int, labels, options: EventOptions
+) -> list[Event]:
+    """The events of class `c` from its step scores `column` (S,), median-filtered here."""
+    s = np.nan_to_num(smoothed(column[:, None], options)[:, 0], nan=0.0)
+    on = dict(options.per_class).get(c, options.threshold)
+    off = on if options.off_threshold is None else min(options.off_threshold, on)
+    spans = [[starts[a], min(starts[b - 1] + options.step, duration), s[a:b].max()] for a, b in _runs(
+        s >= on, s >= off
+    )]  # fmt: skip
+    merged: list[list[float]] = []
+    for span in spans:
+        if merged and span[0] - merged[-1][1] < options.min_gap:
+            merged[-1][1], merged[-1][2] = span[1], max(merged[-1][2], span[2])
         else:
-            i += 1
-    return runs
+            merged.append(span)
+    mid, name = labels[c]
+    return [
+        Event(round(a, 3), round(b, 3), name, mid, float(p))
+        for a, b, p in merged
+        if b - a >= options.min_duration
+    ]
 
 
 def detect(
@@ -213,29 +265,29 @@ def detect(
     options: EventOptions,
     classes: Sequence[int] | None = None,
 ) -> list[Event]:
-    """Events of `classes` (default all) from step scores, sorted by onset then label."""
-    own = dict(options.per_class)
-    smooth = smoothed(scores, options)
+    """Events of `classes` (default all) from step scores (S, C), sorted by onset then label."""
     events: list[Event] = []
     for c in range(scores.shape[1]) if classes is None else classes:
-        s = np.nan_to_num(smooth[:, c], nan=0.0)
-        on = own.get(c, options.threshold)
-        off = on if options.off_threshold is None else min(options.off_threshold, on)
-        spans = [[starts[a], min(starts[b - 1] + options.step, duration), s[a:b].max()] for a, b in _runs(
-            s >= on, s >= off
-        )]  # fmt: skip
-        merged: list[list[float]] = []
-        for span in spans:
-            if merged and span[0] - merged[-1][1] < options.min_gap:
-                merged[-1][1], merged[-1][2] = span[1], max(merged[-1][2], span[2])
-            else:
-                merged.append(span)
-        mid, name = labels[c]
-        events += [
-            Event(round(a, 3), round(b, 3), name, mid, float(p))
-            for a, b, p in merged
-            if b - a >= options.min_duration
-        ]
+        events += class_events(starts, scores[:, c], duration, c, labels, options)
+    return sorted(events, key=lambda e: (e.onset, e.label))
+
+
+def detect_from_windows(
+    segments: Sequence[tuple[float, float, np.ndarray]],
+    duration: float,
+    labels: Sequence[tuple[str, str]],
+    options: EventOptions,
+) -> list[Event]:
+    """`detect(*step_scores(segments, ...))` class by class: each class's step scores are made from the
+    windows, filtered and thresholded on their own, so memory stays at one class's steps (S,) beside
+    the windows' scores however long the file (a day at 160 ms steps: 540,000 steps, where all
+    classes at once would take gigabytes)."""
+    starts, first, end, count = _coverage(segments, duration, options.step)
+    scores = np.stack([s for _, _, s in segments])  # (W, C), as the windows gave them
+    events: list[Event] = []
+    for c in range(scores.shape[1]):
+        column = _covered_mean(scores[:, c].astype(np.float64), first, end, count)
+        events += class_events(starts, column, duration, c, labels, options)
     return sorted(events, key=lambda e: (e.onset, e.label))
 
 

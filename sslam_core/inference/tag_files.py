@@ -31,6 +31,7 @@ from sslam_core.inference.events import (
     Event,
     EventOptions,
     detect,
+    detect_from_windows,
     event_dicts,
     render_events,
     result_step_scores,
@@ -99,8 +100,11 @@ def csv_rows(rows: list[list]) -> str:
 
 def file_events(res: TagResult, report: TagReport) -> list[Event]:
     """The events of one tagged file."""
-    starts, scores = result_step_scores(res, report.detection.step)
-    return detect(starts, scores, res.duration, report.labels, report.detection)
+    steps = getattr(res, "steps", None)  # token frame scores: one row per step already
+    if steps:
+        starts, scores = result_step_scores(res, report.detection.step)
+        return detect(starts, scores, res.duration, report.labels, report.detection)
+    return detect_from_windows(res.segments, res.duration, report.labels, report.detection)
 
 
 def render_tables(*renderables, width: int | None = None) -> str:
