@@ -67,6 +67,14 @@ def evaluate(
             "or DCASE strong labels.",
         ),
     ] = None,
+    classes: Annotated[
+        Path,
+        typer.Option(
+            "--classes",
+            help="Class list (index,mid,display_name CSV, or one name per line) for a model without "
+            "class names, or for integer labels [default: the model's].",
+        ),
+    ] = None,
     audio_dir: Annotated[
         Path, typer.Option("--audio-dir", help="Where the audio lives, if not beside the labels.")
     ] = None,
@@ -197,6 +205,7 @@ def evaluate(
     else:
         frames = {"window": window, "hop": hop, "target_length": target_length}
         run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
+        run["classes"] = classes
         pred = _run_model(checkpoint, data, audio_dir, wanted_folds, multilabel, norm, frames, run)
     summary = summarize(pred, by_polyphony=by_polyphony)
     rows = per_class(pred)
@@ -322,7 +331,10 @@ def _predict(
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
         multilabel = ckpt.extra["multilabel"]
     length, hop_frames = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
-    dataset = read_labelled(data, audio_dir=audio_dir, folds=folds, multilabel=multilabel)
+    names_from_list(model, run.get("classes"), checkpoint)
+    dataset = read_labelled(
+        data, audio_dir=audio_dir, folds=folds, multilabel=multilabel, index_classes=model.labels
+    )
     if dataset.missing:
         naming = f" (audio named {dataset.naming})" if dataset.naming else ""
         note(f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}{naming}")
@@ -449,8 +461,10 @@ def _evaluate_strong(
     dev = pick_device(run["device"])
     check_precision(run["precision"], dev, int8=True)
     model = load_model_or_fail(checkpoint, dev, precision=run["precision"])
+    if isinstance(model, Classifier):
+        names_from_list(model, run.get("classes"), checkpoint)
     if not isinstance(model, Classifier) or not model.labels:
-        fail(f"{checkpoint}: events need a fine-tuned checkpoint with class names")
+        fail(f"{checkpoint}: events need a fine-tuned checkpoint with class names (or --classes)")
     found = event_options(**detection, names=model.labels)
     token_scores_or_fail(model, detection["frame_scores"])
     length, hop = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
@@ -536,3 +550,16 @@ def _strong_tables(summary: dict) -> list[Table]:
             *(_strong_number(c[k]) for k in scores),
         )
     return [table, per_class]
+
+
+def names_from_list(model, classes: Path | None, checkpoint: str) -> None:
+    """With --classes, the class names of a model that has none (or the list integer labels index):
+    its length must be the model's number of classes."""
+    from sslam_core.data.labels import read_label_csv
+
+    if classes is None:
+        return
+    names = read_label_csv(classes)
+    if len(names) != model.cfg.num_classes:
+        fail(f"--classes {classes}: {len(names)} classes, but {checkpoint} predicts {model.cfg.num_classes}")
+    model.labels = names

@@ -85,6 +85,14 @@ def finetune(
     audio_dir: Annotated[
         str, typer.Option("--audio-dir", help="Audio folder for formats that keep it elsewhere.")
     ] = None,
+    classes: Annotated[
+        str,
+        typer.Option(
+            "--classes",
+            help="Class list (index,mid,display_name CSV, or one name per line): the head's classes, "
+            "which integer labels index [default: the labels found].",
+        ),
+    ] = None,
     folds: Annotated[str, typer.Option("--folds", help="Training folds (ESC-50), e.g. 1,2,3,4.")] = None,
     valid_folds: Annotated[
         str, typer.Option("--valid-folds", help="Validation folds (ESC-50), e.g. 5.")

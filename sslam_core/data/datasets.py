@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,9 @@ def _wanted_folds(folds: int | Iterable[int] | None) -> set[int] | None:
     return {int(folds)} if isinstance(folds, (int, str)) else {int(f) for f in folds}
 
 
-def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -> LabelledSet:
+def _build(
+    parsed: Parsed, spec: str, classes, folds, multilabel: bool | None, index_classes=None
+) -> LabelledSet:
     """Map label names to indices, drop clips without audio, decide multi-label, apply folds."""
     records = parsed.records
     wanted = _wanted_folds(folds)
@@ -158,15 +160,21 @@ def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -
         if any(r.fold is None for r in records):
             raise DatasetError(f"{spec}: folds were requested but this format has no folds")
         records = [r for r in records if r.fold in wanted]
+    indexed = index_classes is not None and any(isinstance(x, int) for r in records for x in r.labels)
     if classes is not None:
         class_list = _normalise_classes(classes)
     elif parsed.classes is not None:
         class_list = parsed.classes
+    elif indexed:  # class indices (and names or ids) of the given list; the classes used are kept
+        class_list = _normalise_classes(index_classes)
     else:
         class_list = _found_classes(records, spec)
     lookup: dict[str | int, int] = {name: i for i, (_, name) in enumerate(class_list)}
     lookup.update({cid: i for i, (cid, _) in enumerate(class_list)})
-    lookup.update({i: i for i in range(len(class_list))})  # class indices (tar shards' key.cls)
+    if class_list and all(cid.isdigit() for cid, _ in class_list):  # classes named by the indices found
+        lookup.update({int(cid): i for i, (cid, _) in enumerate(class_list)})
+    else:  # integer labels (tar shards' key.cls) index the class list
+        lookup.update({i: i for i in range(len(class_list))})
     if multilabel is None:
         multilabel = parsed.multilabel if parsed.multilabel is not None else False
         multilabel = multilabel or any(len(r.labels) != 1 for r in records)
@@ -191,7 +199,16 @@ def _build(parsed: Parsed, spec: str, classes, folds, multilabel: bool | None) -
             f"{spec}: none of the {len(records)} listed clips has audio under {parsed.root}"
             f" (e.g. {missing[0]}); pass --audio-dir"
         )
-    return LabelledSet(examples, class_list, multilabel, missing, parsed.naming, parsed.root)
+    data = LabelledSet(examples, class_list, multilabel, missing, parsed.naming, parsed.root)
+    return present_classes(data) if indexed and classes is None and parsed.classes is None else data
+
+
+def present_classes(data: LabelledSet) -> LabelledSet:
+    """`data` with only the classes some clip is labelled with, in their order (labels re-indexed)."""
+    used = sorted({i for example in data.examples for i in example.labels})
+    new = {old: k for k, old in enumerate(used)}
+    examples = [replace(e, labels=[new[i] for i in e.labels]) for e in data.examples]
+    return replace(data, examples=examples, classes=[data.classes[i] for i in used])
 
 
 def _found_classes(records: Sequence[Record], spec: str) -> list[tuple[str, str]]:
@@ -202,12 +219,12 @@ def _found_classes(records: Sequence[Record], spec: str) -> list[tuple[str, str]
     if indices and names:
         raise DatasetError(
             f"{spec}: labels mix class indices ({min(indices)}, ...) and names ({sorted(names)[0]!r}, ...);"
-            " give a class list to map the indices"
+            " give a class list (--classes CSV) to map the indices"
         )
     if indices:
         if min(indices) < 0:
             raise DatasetError(f"{spec}: negative class index {min(indices)}")
-        return [(str(i), str(i)) for i in range(max(indices) + 1)]
+        return [(str(i), str(i)) for i in sorted(indices)]  # the classes used, as a labels.csv lists them
     return [(name, name) for name in sorted(names, key=_numeric_first)]
 
 
@@ -217,6 +234,7 @@ def read_labelled(
     classes: Sequence[tuple[str, str]] | Sequence[str] | LabelledSet | None = None,
     folds: int | Iterable[int] | None = None,
     multilabel: bool | None = None,
+    index_classes: Sequence[tuple[str, str]] | Sequence[str] | None = None,
 ) -> LabelledSet:
     """Read any supported labelled set, detecting the format from the path.
 
@@ -225,7 +243,10 @@ def read_labelled(
     WebDataset layout (a .tar, a brace pattern or a .txt shard list; labels from key.cls / key.json,
     see `shards.sample_labels`; an integer label is a class index into `classes`). `classes` imposes a class
     list (e.g. the training set's); `folds` keeps only those folds (ESC-50); `multilabel` overrides the guess
-    (any clip with other than one label makes a set multi-label).
+    (any clip with other than one label makes a set multi-label). `index_classes` (a model's class
+    list) is what integer labels index, and what names or ids in the same labels match, when the set
+    has them; the set then keeps the classes it uses. Without a list, integer labels name their own
+    classes ("74"), as names do.
     """
     spec = os.fspath(spec)
     audio = os.fspath(audio_dir) if audio_dir is not None else None
@@ -233,7 +254,7 @@ def read_labelled(
         raise DatasetError(f"{audio}: audio folder does not exist")
     fmt, path = _detect(spec)
     parsed = READERS[fmt](path, audio)
-    return _build(parsed, path, classes, folds, multilabel)
+    return _build(parsed, path, classes, folds, multilabel, index_classes)
 
 
 def read_file_list(

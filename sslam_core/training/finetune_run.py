@@ -24,6 +24,7 @@ import torch
 
 from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.datasets import LabelledSet, read_labelled, split_examples
+from sslam_core.data.labels import read_label_csv
 from sslam_core.errors import OptionError, SslamError
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.loading import read_checkpoint
@@ -81,6 +82,7 @@ class FinetuneSettings:
     multilabel: bool | None = None
     norm: str | list[float] | None = None  # a preset name, "MEAN,STD" or [MEAN, STD]
     audio_dir: str | None = None
+    classes: str | None = None  # a class list file (index,mid,display_name CSV or one name per line)
     folds: str | list[int] | None = None  # "1,2,3,4" or [1, 2, 3, 4]
     valid_folds: str | list[int] | None = None
     precision: str = "bf16"
@@ -310,7 +312,10 @@ def read_sets(
     """Training and validation sets of the settings (validation uses the training classes; `folds` and
     `valid_folds` as parsed from them), and the split record of `valid_fraction`: `saved_split` on
     resume, else a new seeded split."""
-    train_set = read_labelled(s.data, s.audio_dir, folds=folds or None, multilabel=s.multilabel)
+    class_list = read_label_csv(s.classes) if s.classes else None
+    train_set = read_labelled(
+        s.data, s.audio_dir, classes=class_list, folds=folds or None, multilabel=s.multilabel
+    )
     for name in train_set.missing[:1]:
         _note(f"note: {len(train_set.missing)} listed clip(s) have no audio (e.g. {name})")
     if s.valid is not None or valid_folds:

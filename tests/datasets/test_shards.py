@@ -313,3 +313,89 @@ def test_hostile_shards_in_labelled_sets_and_training_data(hostile):
     with pytest.raises(DatasetError, match="notatar.tar: not a tar archive"):
         open_audio_dataset([str(hostile / "notatar.tar"), str(hostile / "empty.tar")])
     assert len(open_audio_dataset([str(hostile / "notatar.tar"), str(hostile / "good.tar")])) == 4
+
+
+def test_integer_labels_index_the_model_classes_and_agree_with_a_labels_csv(tmp_path):
+    """Under a model, key.cls indices name its classes (74 = AudioSet's "Dog"'s index there) and
+    key.json names / ids match them, even side by side; without a model the classes are the ones used,
+    as a labels.csv of the same clips gives them (a shard used to give 0..max, classes without clips
+    included, and eval refused indices it could not find among the model's names)."""
+    from conftest import TINY_FINETUNED
+
+    from sslam_core.data.labels import audioset_labels
+
+    keys = ["0_george_0", "1_george_0", "2_george_0", "0_jackson_0", "1_jackson_0"]
+    wav = {k: (FSDD / f"{k}.wav").read_bytes() for k in keys}
+    indices = {"0_george_0": 74, "1_george_0": 0, "2_george_0": 74, "0_jackson_0": 0, "1_jackson_0": 3}
+    make_tar(
+        tmp_path / "a.tar",
+        [m for k in keys[:3] for m in ((f"{k}.wav", wav[k]), (f"{k}.cls", b"%d" % indices[k]))],
+    )
+    names = audioset_labels()
+    make_tar(
+        tmp_path / "b.tar",
+        [
+            m
+            for k in keys[3:]
+            for m in (
+                (f"{k}.wav", wav[k]),
+                (f"{k}.json", json.dumps({"label": names[indices[k]][1]}).encode()),
+            )
+        ],
+    )
+    (tmp_path / "ab.txt").write_text("a.tar\nb.tar\n")
+    under_model = read_labelled(str(tmp_path / "ab.txt"), index_classes=names)
+    assert under_model.classes == [names[0], names[3], names[74]]
+    assert [e.labels for e in under_model.examples] == [[2], [0], [2], [0], [1]]
+    alone = read_labelled(str(tmp_path / "a.tar"))  # no model: the indices used, named by themselves
+    assert alone.classes == [("0", "0"), ("74", "74")] and [e.labels for e in alone.examples] == [
+        [1],
+        [0],
+        [1],
+    ]
+    (tmp_path / "labels.csv").write_text(
+        "filename,labels\n" + "".join(f"{FSDD / k}.wav,{indices[k]}\n" for k in keys[:3])
+    )
+    assert len(read_labelled(str(tmp_path)).classes) == len(alone.classes)
+    report = json.loads(
+        sslam(
+            "eval",
+            "-c",
+            TINY_FINETUNED,
+            "--data",
+            tmp_path / "ab.txt",
+            "--target-length",
+            "96",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+        ).stdout  # fmt: skip
+    )
+    assert report["n_clips"] == 5 and report["n_classes"] == 3
+
+
+def test_a_class_list_for_a_model_without_names_and_for_finetuning(corpus, tmp_path):
+    from sslam_core.models.layouts.native import save_checkpoint
+    from sslam_core.models.transformer import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=3))
+    nameless = tmp_path / "nameless.safetensors"
+    save_checkpoint(nameless, model.cfg, model.state_dict(), extra={"multilabel": False})
+    classes = tmp_path / "classes.txt"
+    classes.write_text("zero\none\ntwo\n")
+    common = ["--data", corpus / "shards.txt", "--target-length", "96", "--device", "cpu", "--format", "json"]
+    refused = sslam("eval", "-c", nameless, *common, code=2)
+    assert "no class names" in refused.stderr
+    report = json.loads(sslam("eval", "-c", nameless, *common, "--classes", classes).stdout)
+    assert report["n_clips"] == 6 and report["n_classes"] == 3
+    short = tmp_path / "two.txt"
+    short.write_text("zero\none\n")
+    assert "--classes" in sslam("eval", "-c", nameless, *common, "--classes", short, code=2).stderr
+    run = tmp_path / "run"
+    sslam("finetune", "--data", corpus / "shards.txt", "--classes", classes, "--model", "tiny",
+          "--steps", "1", "-b", "2", "--target-length", "96", "--device", "cpu", "-o", run, "-q")  # fmt: skip
+    from sslam_core.models.factory import load_model
+
+    assert load_model(run).labels == [("zero", "zero"), ("one", "one"), ("two", "two")]
