@@ -6,11 +6,12 @@ resolves them and sets up and trains the run.
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
 
-from sslam_cli.options import fail, finish
+from sslam_cli.options import EXIT_OK, EXIT_SKIPPED, fail, finish, warn
 from sslam_core.errors import SslamError
 
 
@@ -128,6 +129,7 @@ def finetune(
 ) -> None:
     """Fine-tune (or linear-probe) a classifier; the run folder loads in `sslam tag` and `sslam extract`.
     SIGTERM, SIGINT or SIGUSR1 save at the next step and exit (143, 130, 143); --resume continues."""
+    from sslam_core.data.training_clips import UnreadableAudioWarning
     from sslam_core.runs import distributed
     from sslam_core.training.finetune_run import (
         SETTING_NAMES,
@@ -141,6 +143,7 @@ def finetune(
         for name, value in ctx.params.items()
         if name in SETTING_NAMES and ctx.get_parameter_source(name).name != "DEFAULT"
     }
+    warnings.filterwarnings("ignore", category=UnreadableAudioWarning)  # one skipped: line each, at the end
     settings = resolve_settings(read_config_file(config) if config else {}, flags)
     run = setup_finetuning(settings, resume=resume, overwrite=overwrite, progress=not quiet)
     try:
@@ -157,13 +160,21 @@ def finetune(
             raise typer.Exit(summary["exit_code"])
         return
     task = run.task
+    skipped = summary["skipped"]
+    for path in sorted(skipped):
+        warn(skipped[path])
+
+    def used(data) -> int:  # the clips of a set that were read (the unreadable ones are left out)
+        return sum(e.path not in skipped for e in data.examples) if data is not None else 0
+
     report = {
         "task": task.kind,
         "steps": summary["steps"],
         "steps_this_run": summary["steps_this_run"],
         "seconds": summary["seconds"],
-        "clips": len(task.train_set),
-        "valid_clips": len(task.valid_set) if task.valid_set else 0,
+        "clips": used(task.train_set),
+        "valid_clips": used(task.valid_set),
+        "skipped": len(skipped),
         "classes": len(task.classes),
         "multilabel": task.multilabel,
         "loss": summary["last"].get("loss"),
@@ -171,3 +182,4 @@ def finetune(
         "model": summary["model"],
     }
     finish(summary, report)
+    raise typer.Exit(EXIT_SKIPPED if skipped and not distributed.launched() else EXIT_OK)

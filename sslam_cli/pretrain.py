@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
 
-from sslam_cli.options import fail, finish, warn
+from sslam_cli.options import EXIT_OK, EXIT_SKIPPED, fail, finish, warn
 
 Opt = typer.Option
 
@@ -111,6 +112,7 @@ def pretrain(
     from sslam_core.audio.files import AudioError
     from sslam_core.data.label_formats import DatasetError
     from sslam_core.data.packing import PackedDataError
+    from sslam_core.data.training_clips import UnreadableAudioWarning
     from sslam_core.models.checkpoint import CheckpointError
     from sslam_core.runs import distributed
     from sslam_core.training.pretraining import (
@@ -126,6 +128,7 @@ def pretrain(
     if not out:
         fail("-o/--out RUN_DIR is required")
     check_run_folder(out, resume, overwrite)
+    warnings.filterwarnings("ignore", category=UnreadableAudioWarning)  # one skipped: line each, at the end
     parsed_norm = None
     if norm is not None and "," in norm:
         try:
@@ -169,7 +172,7 @@ def pretrain(
         "steps": summary["steps"],
         "steps_this_run": summary["steps_this_run"],
         "seconds": summary["seconds"],
-        "clips": summary["clips"],
+        "clips": summary["clips"] - len(summary["skipped"]),  # the clips read (unreadable ones left out)
         "unreadable_skipped": len(summary["skipped"]),
         "clips_per_s": round(last.get("clips_per_s", 0.0), 2),
         "loss": last.get("loss"),
@@ -178,3 +181,4 @@ def pretrain(
         "model": summary["model"],
     }
     finish(summary, report)
+    raise typer.Exit(EXIT_SKIPPED if summary["skipped"] and not distributed.launched() else EXIT_OK)

@@ -29,6 +29,7 @@ from sslam_core.errors import OptionError, SslamError
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import ModelConfig, preset
+from sslam_core.runs import distributed
 from sslam_core.training.finetuning import (
     ClassifierTask,
     FinetuneConfig,
@@ -188,14 +189,15 @@ class FinetuneRun:
     overwrite: bool = False
 
     def train(self, stop_at: int | None = None) -> dict:
-        """Train (single process or one torchrun rank); returns the trainer's summary. config.json records
-        the data paths as given and the settings, split.json the split."""
+        """Train (single process or one torchrun rank); returns the trainer's summary, with `skipped`
+        (the unreadable clips of every rank, path -> reason). config.json records the data paths as
+        given and the settings, split.json the split."""
         s = self.settings
         sources = dict(
             data=s.data, valid=s.valid, audio_dir=s.audio_dir, folds=s.folds, valid_folds=s.valid_folds,
             valid_fraction=s.valid_fraction, checkpoint=s.checkpoint, model=s.model,
         )  # fmt: skip
-        return finetune(
+        summary = finetune(
             self.task,
             self.train_config,
             resume=self.resume,
@@ -205,6 +207,11 @@ class FinetuneRun:
             split=self.split,
             settings=asdict(s),
         )
+        skipped: dict[str, str] = {}  # the unreadable clips every rank met: path -> one-line reason
+        for part in distributed.all_gather_objects(self.task.unreadable()):
+            skipped.update(part)
+        summary["skipped"] = skipped
+        return summary
 
 
 def setup_finetuning(

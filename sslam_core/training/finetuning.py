@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +30,7 @@ from torch import Tensor
 from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
 from sslam_core.data.datasets import Example, LabelledSet
-from sslam_core.data.training_clips import AudioBatches, WaveformDataset
+from sslam_core.data.training_clips import AudioBatches, UnreadableAudioWarning, WaveformDataset
 from sslam_core.errors import SslamError
 from sslam_core.evaluation.metrics import multiclass_report, multilabel_report
 from sslam_core.models.checkpoint import Checkpoint
@@ -185,6 +186,7 @@ class ClassifierTask(TrainingTask):
         if ckpt is None and checkpoint is not None:
             ckpt = read_checkpoint(checkpoint)
         self.config, self.train_set, self.valid_set = config, train_set, valid_set
+        self.skipped: dict[str, str] = {}  # unreadable clips met outside the training batches: path -> why
         self.classes = list(train_set.classes)
         self.multilabel = train_set.multilabel
         self.norm = resolve_norm(config.norm, ckpt)
@@ -222,6 +224,23 @@ class ClassifierTask(TrainingTask):
         logits, target = self.logits_and_targets(batch, generator)
         smoothing = 0.0 if self.multilabel else self.config.label_smoothing
         return {"loss": classification_loss(logits, target, self.multilabel, smoothing)}
+
+    def skip(self, path: str, error: str) -> None:
+        """Note an unreadable clip (once): it is left out, and reported as one `skipped:` line."""
+        if path not in self.skipped:
+            self.skipped[path] = error
+            warnings.warn(error, UnreadableAudioWarning, stacklevel=2)
+
+    def unreadable(self) -> dict[str, str]:
+        """Every unreadable clip this task has met (path -> the one-line reason)."""
+        return dict(self.skipped)
+
+    def used(self, data: LabelledSet | None) -> int:
+        """How many clips of `data` were used: the listed ones less those found unreadable."""
+        if data is None:
+            return 0
+        bad = self.unreadable()
+        return sum(e.path not in bad for e in data.examples)
 
     def evaluate(self) -> dict:
         """Validation mAP / accuracy of the current weights ({} without a validation set)."""
@@ -290,6 +309,11 @@ class FinetuneTask(ClassifierTask):
             )
         return self._batches
 
+    def unreadable(self) -> dict[str, str]:
+        """Every unreadable clip met: in the training batches and in validation."""
+        met = {} if self._batches is None else {p: f"{p}: {why}" for p, why in self._batches.skipped.items()}
+        return {**met, **self.skipped}
+
     def batches(self, epoch_seed: int, rank: int, world_size: int, start_position: int) -> Iterator[dict]:
         """Audio batches of random crops (weighted draws for multi-label data), fbank on the device."""
         yield from self._audio_batches()(epoch_seed, rank, world_size, start_position)
@@ -306,7 +330,7 @@ class FinetuneTask(ClassifierTask):
         self.model.eval()
         results = tag(
             self.model,
-            [e.path for e in data.examples],
+            [e.source for e in data.examples],  # tar members and their problems too
             target_length=self.config.target_length,
             multilabel=self.multilabel,
             batch_size=self.config.eval_batch_size,
@@ -320,6 +344,10 @@ class FinetuneTask(ClassifierTask):
             if res.error is None:
                 scores.append(res.scores)
                 keep.append(i)
+            else:
+                self.skip(data.examples[i].path, res.error)
+        if not scores:
+            raise FinetuneError("no readable audio in the validation set")
         return np.stack(scores), data.targets()[keep]
 
     def validation_scores(self) -> tuple[np.ndarray, np.ndarray]:

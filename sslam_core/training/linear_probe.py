@@ -11,7 +11,6 @@ Linear. What it shares with full fine-tuning (data checks, loss, validation metr
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,7 +87,7 @@ class LinearProbeTask(ClassifierTask):
             mean_pool = self.model.cfg.pool == "mean"
             records = embed(
                 self.model.encoder,
-                [e.path for e in data.examples],
+                [e.source for e in data.examples],  # tar members and their problems too
                 granularity="patch" if mean_pool else "clip",
                 target_length=self.config.target_length,
                 batch_size=self.config.eval_batch_size,
@@ -100,7 +99,7 @@ class LinearProbeTask(ClassifierTask):
             feats, keep = [], []
             for i, rec in enumerate(records):
                 if rec.error is not None:
-                    warnings.warn(f"{rec.error}; left out of the {which} set", stacklevel=2)
+                    self.skip(data.examples[i].path, rec.error)
                     continue
                 feats.append(torch.from_numpy(rec.patch.mean(axis=0) if mean_pool else rec.clip))
                 keep.append(i)

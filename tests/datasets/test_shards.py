@@ -399,3 +399,36 @@ def test_a_class_list_for_a_model_without_names_and_for_finetuning(corpus, tmp_p
     from sslam_core.models.factory import load_model
 
     assert load_model(run).labels == [("zero", "zero"), ("one", "one"), ("two", "two")]
+
+
+@pytest.mark.slow
+def test_finetune_reports_unreadable_training_and_validation_clips(corpus, tmp_path):
+    """A junk file among the training clips and a truncated member and a sample without audio in the
+    validation shard: one `skipped:` line each (no Python warning), the counts of the clips used, and
+    exit status 1, as every other command (they were a raw warning, or nothing, and status 0)."""
+    train = tmp_path / "train"
+    train.mkdir()
+    keys = [k for ks in CLIPS.values() for k in ks]
+    for key in keys:
+        (train / f"{key}.wav").write_bytes((FSDD / f"{key}.wav").read_bytes())
+    (train / "junk.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
+    rows = [f"{key}.wav,{key[0]}" for key in keys] + ["junk.wav,1"]
+    (train / "labels.csv").write_text("filename,labels\n" + "\n".join(rows) + "\n")
+    good = [m for m in digit_members(CLIPS["a"][:2])]
+    cut = (FSDD / "2_george_0.wav").read_bytes()
+    valid = make_tar(
+        tmp_path / "valid.tar",
+        [*good, ("lonely.cls", b"1"), ("2_george_0.cls", b"2"), ("2_george_0.wav", cut)],
+    )
+    with open(valid, "r+b") as f:  # the last member claims more bytes than the shard holds
+        f.truncate(valid.stat().st_size - 1024 - len(cut) // 2)
+    run = sslam("finetune", "--data", train, "--valid", valid, "--model", "tiny", "--steps", "4", "-b", "2",
+                "--target-length", "96", "--device", "cpu", "-o", tmp_path / "run", code=1)  # fmt: skip
+    lines = skipped_lines(run)
+    assert "Warning" not in run.stderr, run.stderr
+    assert sum("junk.wav" in line for line in lines) <= 1  # met if drawn in the 4 steps
+    assert sum("lonely.cls: not audio" in line for line in lines) == 1
+    assert sum("2_george_0.wav: member claims" in line for line in lines) == 1
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["valid_clips"] == 2 and report["skipped"] == len(lines)
+    assert report["clips"] == len(keys) + 1 - sum("junk.wav" in line for line in lines)

@@ -111,10 +111,11 @@ def test_eat_from_scratch_trains_skips_bad_files_and_continues_as_sslam(tmp_path
     (bad / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio")
     eat = tmp_path / "eat"
     proc = sslam("pretrain", *CLIPS, str(bad), "-o", str(eat), "--stage", "eat", "--model", "tiny",
-                 "--steps", "3", "--save-every", "3", *SMALL)  # fmt: skip
-    r = report(proc)
-    assert r["steps"] == 3 and r["clips"] == 8 and r["unreadable_skipped"] == 1 and r["ranks_in_sync"]
-    assert "broken.wav" in proc.stderr
+                 "--steps", "3", "--save-every", "3", *SMALL, check=1)  # fmt: skip
+    r = report(proc)  # the clips read; the unreadable one is one skipped: line, and the status is 1
+    assert r["steps"] == 3 and r["clips"] == 7 and r["unreadable_skipped"] == 1 and r["ranks_in_sync"]
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 1 and "broken.wav" in skipped[0] and "Warning" not in proc.stderr
     lines = [json.loads(s) for s in (eat / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert {"loss", "patch", "cls", "lr", "ema_decay", "clips_per_s", "grad_norm"} <= set(lines[-1])
