@@ -21,6 +21,7 @@ from sslam_core.audio.frontend import prepare_input
 from sslam_core.inference.decoding import decode_files
 from sslam_core.inference.options import PipelineOptions
 from sslam_core.inference.windows import FileResult, Source, Window, file_error, num_frames, source_name
+from sslam_core.models.onnx_runtime import batch_dependent
 from sslam_core.models.precision import strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
 
@@ -164,13 +165,16 @@ def run_windows(
     """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
     per-window outputs (B, ...). Yields one FileResult per source, in order. `options` say the windows,
     batching, decoding, device and precision (see `PipelineOptions`; batch size and workers default
-    to what suits the device, `default_batching`). `names` are how results and messages refer to the
+    to what suits the device, `default_batching`; an int8 model runs one window per pass, since its
+    activations are quantised per batch). `names` are how results and messages refer to the
     sources (default: their paths). When `stop()` turns true (a signal, see `interrupts`), the run
     ends before the next batch: the files finished so far have been yielded, the rest are not, and
     no decoding process is left behind. Results on CPU do not depend on workers or processes."""
     o = options or PipelineOptions()
     device = torch.device(o.device)
     batch_size, workers = default_batching(device, o.batch_size, o.workers)
+    if batch_dependent(model):  # one window per pass: a file's outputs must not depend on its neighbours
+        batch_size = 1
     sources = list(sources)
     features = (o.target_length, o.normalization) if device.type == "cpu" else None
     batches = Batches(head, o, device, batch_size)

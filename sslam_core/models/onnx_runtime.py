@@ -205,3 +205,9 @@ __all__ = [
     "require",
     "run_session",
 ]
+
+
+def batch_dependent(model: nn.Module) -> bool:
+    """Whether `model`'s outputs for one input depend on the other inputs of its batch: an int8 graph,
+    whose activations ONNX Runtime's dynamic quantisation scales per batch."""
+    return isinstance(model, OnnxModel) and model.precision == "int8"
