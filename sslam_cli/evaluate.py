@@ -19,13 +19,13 @@ from sslam_cli.options import (
     Device,
     EventThreshold,
     FrameScores,
-    Hop,
     Median,
     MinDuration,
     MinGap,
     Norm,
     OffThreshold,
     Precision,
+    StrongHop,
     Window,
     Workers,
     cell,
@@ -33,6 +33,7 @@ from sslam_cli.options import (
     check_precision,
     claim_or_fail,
     err_console,
+    event_flags,
     event_options,
     events_hop,
     exit_status,
@@ -42,6 +43,8 @@ from sslam_cli.options import (
     join_ranks,
     load_model_or_fail,
     note,
+    note_export_precision,
+    note_ignored,
     parse_folds,
     parse_norm,
     pick_device,
@@ -121,7 +124,7 @@ def evaluate(
         ),
     ] = False,
     window: Window = None,
-    hop: Hop = None,
+    hop: StrongHop = None,
     target_length: Annotated[
         int, typer.Option("--target-length", help="Window length in fbank frames (overrides --window).")
     ] = None,
@@ -178,8 +181,15 @@ def evaluate(
              "min_duration": min_duration, "min_gap": min_gap, "frame_scores": frame_scores},
             {"window": window, "hop": hop, "target_length": target_length},
             {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
-             "norm": norm},
+             "norm": norm, "classes": classes},
         )  # fmt: skip
+    strong_only = {
+        "--collar": collar != 0.2,
+        "--offset-collar-rate": offset_collar_rate != 0.2,
+        "--segment-length": segment_length != 1.0,
+        **event_flags(event_threshold, off_threshold, median, min_duration, min_gap, frame_scores),
+    }
+    note_ignored(strong_only, "--strong")
 
     outputs = {
         "predictions": predictions_out,
@@ -326,6 +336,7 @@ def _predict(
     run["precision"] = check_precision(run["precision"], dev, int8=True)
     ckpt = read_checkpoint(checkpoint, allow_onnx=True)
     model = model_from_checkpoint(ckpt, dev, run["precision"])
+    note_export_precision(model, run["precision"])
     if not isinstance(model, Classifier):
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
@@ -345,15 +356,7 @@ def _predict(
     class_columns(model.labels, dataset, checkpoint)
     if stop.requested:
         interrupted(stop, 0, resumable=False)
-    quiet = len(dataset) < 2 or rank_in_run() > 0  # under torchrun rank 0 shows its progress
-    bar = tqdm(total=len(dataset), unit="clip", disable=quiet, file=err_console.file)
-
-    def progress(error: str | None) -> None:
-        if error is not None:
-            bar.clear()
-            warn(error)
-        bar.update()
-
+    bar = ClipBar(len(dataset))
     try:
         pred = predict(
             model,
@@ -361,7 +364,8 @@ def _predict(
             pipeline_options(run, dev, model, norm, length, hop_frames),
             multilabel=dataset.multilabel,
             where=checkpoint,
-            progress=progress,
+            progress=bar.progress,
+            on_start=bar.start,
             stop=lambda: stop.requested,
         )
     finally:
@@ -375,6 +379,31 @@ def _predict(
     if not pred.paths:
         fail(f"{data}: all {len(pred.skipped)} clip(s) were skipped (unreadable); nothing to evaluate")
     return pred
+
+
+class ClipBar:
+    """The progress bar of an evaluation: one bar, on rank 0 only, for the clips this process runs
+    (its share under torchrun, said in the bar's label), made once the run knows that number."""
+
+    def __init__(self, clips: int) -> None:
+        self.clips = clips
+        self.bar = tqdm(disable=True)
+
+    def start(self, share: int) -> None:
+        from sslam_core.runs import distributed
+
+        quiet = self.clips < 2 or rank_in_run() > 0
+        label = "rank 0" if distributed.launched() else None
+        self.bar = tqdm(total=share, unit="clip", desc=label, disable=quiet, file=err_console.file)
+
+    def progress(self, error: str | None) -> None:
+        if error is not None:
+            self.bar.clear()
+            warn(error)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _number(value) -> str:
@@ -444,6 +473,7 @@ def _evaluate_strong(
         score_predictions,
     )
     from sslam_core.models.transformer import Classifier
+    from sslam_core.runs import distributed
     from sslam_core.runs.interrupts import StopRequest
 
     if checkpoint is None:
@@ -457,15 +487,16 @@ def _evaluate_strong(
         fail(f"--strong: {e}")
     event_options(**detection, names=())
     truth = read_strong_events(str(strong))
-    dataset = read_labelled(strong, audio_dir=audio_dir, multilabel=True)
-    dev = pick_device(run["device"])
-    check_precision(run["precision"], dev, int8=True)
+    dataset = read_labelled(strong, audio_dir=audio_dir, multilabel=True, kind="strong")
+    dev = join_ranks(pick_device(run["device"]))
+    run["precision"] = check_precision(run["precision"], dev, int8=True)
     model = load_model_or_fail(checkpoint, dev, precision=run["precision"])
     if isinstance(model, Classifier):
         names_from_list(model, run.get("classes"), checkpoint)
     if not isinstance(model, Classifier) or not model.labels:
         fail(f"{checkpoint}: events need a fine-tuned checkpoint with class names (or --classes)")
     found = event_options(**detection, names=model.labels)
+    truth.check_labels({key for label in model.labels for key in label}, checkpoint)
     token_scores_or_fail(model, detection["frame_scores"])
     length, hop = frames_or_fail(model, frames["window"], frames["hop"], frames["target_length"])
     hop = events_hop(length, detection["frame_scores"]) if frames["hop"] is None else hop
@@ -474,31 +505,37 @@ def _evaluate_strong(
         note(f"note: {len(dataset.missing)} listed clip(s) have no audio under {dataset.root}")
     if not dataset.examples:
         fail(f"{strong}: no clips to evaluate")
-    bar = tqdm(total=len(dataset), unit="clip", disable=len(dataset) < 2, file=err_console.file)
-
-    def progress(error: str | None) -> None:
-        if error is not None:
-            bar.clear()
-            warn(error)
-        bar.update()
-
+    bar = ClipBar(len(dataset))
     with StopRequest() as stop:
-        predictions, skipped = predict_events(
-            model,
-            [e.path for e in dataset.examples],
-            [e.key for e in dataset.examples],
-            model.labels,
-            found,
-            pipeline_options(run, dev, model, run["norm"], length, hop),
-            frame_scores=detection["frame_scores"],
-            progress=progress,
-            stop=lambda: stop.requested,
-        )
-        bar.close()
+        try:
+            predictions, skipped = predict_events(
+                model,
+                [e.path for e in dataset.examples],
+                [e.key for e in dataset.examples],
+                model.labels,
+                found,
+                pipeline_options(run, dev, model, run["norm"], length, hop),
+                frame_scores=detection["frame_scores"],
+                progress=bar.progress,
+                on_start=bar.start,
+                stop=lambda: stop.requested,
+                names=[dataset.name(e) for e in dataset.examples],
+            )
+        finally:
+            bar.close()
         if stop.requested:
             interrupted(stop, len(predictions) + len(skipped), resumable=False)
+    main = distributed.is_main()
+    distributed.cleanup(sync=False)
+    if not main:  # rank 0 scores every rank's predictions
+        raise typer.Exit(EXIT_OK)
     if not predictions:
         fail(f"{strong}: all {len(skipped)} clip(s) were skipped (unreadable); nothing to evaluate")
+    late = truth.past_the_end({key: p.duration for key, p in predictions.items()})
+    for line in late[:3]:
+        note(f"note: {line}")
+    if late:
+        note(f"note: {len(late)} reference event(s) end after their file; they are scored cut at its end")
     columns = {dataset.classes[i][1]: col for i, col in zip(kept, cols, strict=True)}
     summary = score_predictions(truth, predictions, model.labels, columns, options)
     summary.update(

@@ -29,6 +29,7 @@ from sslam_cli.options import (
     note,
     parse_norm,
     pick_device,
+    report_inputs,
     warn,
 )
 from sslam_core.audio.constants import SAMPLE_RATE, frames_to_seconds
@@ -36,7 +37,12 @@ from sslam_core.audio.constants import SAMPLE_RATE, frames_to_seconds
 
 def extract(
     paths: Annotated[
-        list[str], typer.Argument(help="Audio files, folders (searched recursively), or file lists.")
+        list[str],
+        typer.Argument(
+            help="Audio files, folders (searched recursively), file lists, or tar shards (a .tar, a brace "
+            "pattern or a list of shards).",
+            metavar="PATHS",
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")],
     checkpoint: Annotated[
@@ -136,10 +142,7 @@ def extract(
     encoder.resolve_layer(layer)
     target_length, hop_frames = frames_or_fail(model, None, hop, target_length)
     inputs = collect_inputs(paths, audio_dir)
-    for problem in inputs.problems:
-        warn(problem)
-    if not inputs:
-        fail("no audio files found in " + ", ".join(paths))
+    report_inputs(inputs, paths)
     normalization = parse_norm(norm, model.normalization)
     info = model.checkpoint_info
     settings = {
@@ -157,12 +160,20 @@ def extract(
         "normalization": json.dumps(normalization),
         "version": sslam_core.__version__,
     }
-    bar = tqdm(
-        total=len(inputs), unit="file", file=err_console.file, disable=not distributed.is_main(), delay=0.5
-    )
+    bar = tqdm(disable=True)  # replaced once the run knows this process's share
 
-    def on_share(count: int) -> None:  # under torchrun, this rank's files
-        bar.reset(total=count)
+    def on_start(todo: int, done: int) -> None:
+        nonlocal bar
+        resumed = 0 if distributed.launched() else done  # under torchrun the bar counts rank 0's share
+        bar = tqdm(
+            total=todo + resumed,
+            initial=resumed,
+            unit="file",
+            desc="rank 0" if distributed.launched() else None,
+            file=err_console.file,
+            disable=not distributed.is_main(),
+            delay=0.5,
+        )
 
     def on_file(rec) -> None:
         bar.update()
@@ -193,14 +204,12 @@ def extract(
                 flush_files=flush_every,
                 stop=lambda: stop.requested,
                 on_file=on_file,
-                on_share=on_share,
+                on_start=on_start,
             )
     except OutputError as e:
-        bar.close()
         fail(f"{e}; the finished files are kept in the journal, rerun with --resume once it is fixed")
-    if not distributed.launched():
-        bar.update(summary.resumed)
-    bar.close()
+    finally:
+        bar.close()
     distributed.cleanup(sync=False)  # every rank has passed the last collective step
     if summary.interrupted:
         interrupted(stop, summary.resumed + summary.written)

@@ -10,7 +10,7 @@ import shutil
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag
 from sslam_cli.options import print_error
@@ -34,6 +34,42 @@ class SslamGroup(TyperGroup):
         except SslamError as e:
             print_error(str(e))
             ctx.exit(e.exit_code)
+        except Exception as e:  # click's usage errors (a bad option value, a missing argument): one line
+            if not isinstance(e, usage_error(ctx)):
+                raise
+            print_error(usage_line(e))
+            ctx.exit(e.exit_code)
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            if not isinstance(e, usage_error(ctx)):
+                raise
+            print_error(usage_line(e))
+            ctx.exit(e.exit_code)
+
+
+class SslamCommand(TyperCommand):
+    """A `sslam` command: its usage line names a required argument as click does (`PATHS...`), not
+    in Typer's braces (`{PATHS}...`), which read like a placeholder left unfilled."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:].replace("}", "", 1) if p.startswith("{") else p for p in pieces]
+
+
+def usage_error(ctx) -> type:
+    """click's UsageError (Typer may bundle its own copy of click: the one `ctx` comes from)."""
+    import importlib
+
+    return importlib.import_module(type(ctx).__module__.rsplit(".", 1)[0] + ".exceptions").UsageError
+
+
+def usage_line(e) -> str:
+    """A usage error as one line, with where to read more: the message and `sslam COMMAND --help`."""
+    path = e.ctx.command_path if getattr(e, "ctx", None) is not None else "sslam"
+    return f"{e.format_message()} (see {path} --help)"
 
 
 app = typer.Typer(
@@ -72,16 +108,21 @@ def _setup(
     filter_native_stderr()
 
 
-app.command("tag")(tag.tag)
-app.command("extract")(extract.extract)
-app.command("convert")(convert.convert)
-app.command("export")(export.export)
-app.command("pretrain")(pretrain.pretrain)
-app.command("finetune")(finetune.finetune)
-app.command("eval")(evaluate.evaluate)
-app.command("stats")(stats.stats)
-app.command("plot")(plot.plot)
-app.command("pack")(pack.pack)
+# One-line summaries for `sslam --help` (click would cut the docstrings' first lines with "...").
+COMMANDS = [
+    ("tag", tag.tag, "AudioSet (or custom) tags of audio files, and sound events with --events."),
+    ("extract", extract.extract, "Embeddings (clip, frame, patch) of any layer to one HDF5 file."),
+    ("convert", convert.convert, "Convert a checkpoint between the fairseq, Hugging Face and sslam layouts."),
+    ("export", export.export, "Export a checkpoint to ONNX (fp32 or int8) for CPU deployment."),
+    ("pretrain", pretrain.pretrain, "Pre-train an EAT (stage 1) or SSLAM (stage 2) encoder."),
+    ("finetune", finetune.finetune, "Fine-tune or linear-probe a classifier on a labelled set."),
+    ("eval", evaluate.evaluate, "Evaluate a classifier: mAP, d', accuracy; events with --strong."),
+    ("stats", stats.stats, "The fbank mean and std of a data set (for --norm MEAN,STD)."),
+    ("plot", plot.plot, "Plot the training curves of a run folder."),
+    ("pack", pack.pack, "Pack audio into HDF5 shards for pre-training."),
+]
+for name, command, summary in COMMANDS:
+    app.command(name, short_help=summary, cls=SslamCommand)(command)
 
 
 def main() -> None:

@@ -26,6 +26,14 @@ Window = Annotated[
     typer.Option(help="Window length in seconds [default: the model's training length, else 10.24]."),
 ]
 Hop = Annotated[float | None, typer.Option(help="Hop between windows in seconds [default: the window].")]
+EventsHop = Annotated[
+    float | None,
+    typer.Option(help="Hop between windows in seconds [default: the window; with --events a quarter of it]."),
+]
+StrongHop = Annotated[
+    float | None,
+    typer.Option(help="Hop between windows in seconds [default: the window; with --strong a quarter of it]."),
+]
 Norm = Annotated[
     str | None,
     typer.Option(help="Normalisation: audioset, esc50, spc2, spass or MEAN,STD [default: the checkpoint's]."),
@@ -67,7 +75,10 @@ def fail(message: str) -> NoReturn:
 
 def print_error(message: str) -> None:
     """`error: MESSAGE` on stderr. The message is escaped, so square brackets in file names print as
-    they are."""
+    they are. Under torchrun only rank 0 prints it: every rank runs the same checks on the same
+    arguments and would print the same line (each still exits with its status, which torchrun reports)."""
+    if rank_in_run():
+        return
     err_console.print(f"[red]error:[/red] {escape(message)}", markup=True)
 
 
@@ -199,10 +210,16 @@ def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:
 
 def frames_or_fail(model, window: float | None, hop: float | None, target_length: int | None = None):
     """(window, hop) in frames for `model` (see `inference.resolve_window`), or one error line; a note
-    when the window is longer than what the model was trained on."""
+    when a window or hop in seconds was rounded to whole time patches, and when the window is longer
+    than what the model was trained on."""
+    from sslam_core.audio.constants import frames_to_seconds
     from sslam_core.inference.windows import resolve_window, window_warning
 
     frames, hop_frames = resolve_window(model, window, hop, target_length)
+    asked_window = window if target_length is None else None  # --target-length is in frames already
+    for flag, asked, got in (("--window", asked_window, frames), ("--hop", hop, hop_frames)):
+        if asked is not None and abs(frames_to_seconds(got) - asked) > 1e-6:
+            note(f"note: {flag} {asked:g} s runs as {frames_to_seconds(got):g} s (whole 160 ms patches)")
     warning = window_warning(model, frames)
     if warning:
         note(warning)
@@ -224,7 +241,20 @@ def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = Fa
     model); any problem becomes one line and exit status 2."""
     from sslam_core.models.factory import load_model
 
-    return load_model(checkpoint, device=device, teacher=teacher, precision=precision)
+    model = load_model(checkpoint, device=device, teacher=teacher, precision=precision)
+    note_export_precision(model, precision)
+    return model
+
+
+def note_export_precision(model, precision: str) -> None:
+    """A note when `model` is an `.onnx` export of another precision than `precision`: an export runs
+    as it was exported (fp32 or int8), whatever --precision says."""
+    from sslam_core.models.onnx_runtime import OnnxModel
+
+    if isinstance(model, OnnxModel) and model.cached_for is None and model.precision != precision:
+        source = model.checkpoint_info.get("source", "the model")
+        note(f"note: {source} is an {model.precision} ONNX export and runs {model.precision}; --precision "
+             f"{precision} applies to torch checkpoints")  # fmt: skip
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -350,12 +380,14 @@ def event_options(threshold: str, off, median, min_duration, min_gap, names, fra
 
     per_class, base = (), 0.5
     try:
-        if Path(threshold).is_file():
+        base = float(threshold)
+    except ValueError:
+        if not Path(threshold).is_file():
+            fail(f"--event-threshold {threshold}: neither a number nor a CSV file of LABEL,THRESHOLD")
+        try:
             per_class = read_thresholds(threshold, names) if names else ()
-        else:
-            base = float(threshold)
-    except (OSError, ValueError) as e:
-        fail(f"--event-threshold {threshold}: {e}")
+        except (OSError, ValueError) as e:
+            fail(f"--event-threshold {threshold}: {e}")
     try:
         return EventOptions(base, off, median, min_duration, min_gap, per_class=per_class)
     except ValueError as e:
@@ -387,3 +419,33 @@ def finish(summary: dict, report: dict) -> None:
     if "interrupted" in summary:
         note(f"interrupted at step {summary['steps']}; rerun with --resume to continue")
         raise typer.Exit(summary["exit_code"])
+
+
+def report_inputs(inputs, paths: list[str]) -> None:
+    """The inputs that could not be listed (a missing file, an empty folder): one `skipped:` line each
+    when other inputs remain; when none does, the run stops with one error line saying why."""
+    if not inputs:
+        fail("; ".join(inputs.problems) if inputs.problems else "no audio files found in " + ", ".join(paths))
+    for problem in inputs.problems:
+        warn(problem)
+
+
+def note_ignored(flags: dict[str, bool], needs: str) -> None:
+    """One note naming the options given (`flags`: option -> whether it was changed from its default)
+    that do nothing without `needs`, so that none is ignored silently."""
+    given = [flag for flag, changed in flags.items() if changed]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        note(f"note: {', '.join(given)} {verb} only with {needs}; ignored")
+
+
+def event_flags(threshold: str, off, median: float, min_duration: float, min_gap: float, frame_scores: str):
+    """Which of the event options were changed from their defaults (see `note_ignored`)."""
+    return {
+        "--event-threshold": threshold != "0.5",
+        "--off-threshold": off is not None,
+        "--median": median != 0.48,
+        "--min-duration": min_duration != 0.16,
+        "--min-gap": min_gap != 0.32,
+        "--frame-scores": frame_scores != "window",
+    }

@@ -28,7 +28,8 @@ def _replaced_shards(paths: list[str], out: Path, shard_size: int) -> list[str]:
 
 def pack(
     data: Annotated[
-        list[str], typer.Argument(help="Audio files, folders, path lists or fairseq .tsv manifests.")
+        list[str],
+        typer.Argument(help="Audio files, folders, path lists or fairseq .tsv manifests.", metavar="DATA"),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (shards + index.json; created).")],
     shard_size: Annotated[int, typer.Option("--shard-size", help="Input files per shard.")] = 1000,

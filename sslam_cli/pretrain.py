@@ -16,7 +16,9 @@ def pretrain(
     data: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Unlabelled audio: files, folders, path lists, fairseq .tsv or `sslam pack` folders."
+            help="Unlabelled audio: files, folders, path lists, fairseq .tsv, tar shards or `sslam pack` "
+            "folders.",
+            metavar="DATA",
         ),
     ] = None,
     out: Annotated[

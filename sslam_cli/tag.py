@@ -13,9 +13,9 @@ from sslam_cli.options import (
     EXIT_OK,
     BatchSize,
     Device,
+    EventsHop,
     EventThreshold,
     FrameScores,
-    Hop,
     Median,
     MinDuration,
     MinGap,
@@ -30,6 +30,7 @@ from sslam_cli.options import (
     claim_resumable,
     echo,
     err_console,
+    event_flags,
     event_options,
     events_hop,
     exit_status,
@@ -39,8 +40,10 @@ from sslam_cli.options import (
     join_ranks,
     load_model_or_fail,
     note,
+    note_ignored,
     parse_norm,
     pick_device,
+    report_inputs,
     stdout_is_tty,
     token_scores_or_fail,
     warn,
@@ -50,7 +53,12 @@ from sslam_core.inference.options import PipelineOptions
 
 def tag(
     paths: Annotated[
-        list[str], typer.Argument(help="Audio files, folders (searched recursively), or file lists.")
+        list[str],
+        typer.Argument(
+            help="Audio files, folders (searched recursively), file lists, or tar shards (a .tar, a brace "
+            "pattern or a list of shards).",
+            metavar="PATHS",
+        ),
     ],
     checkpoint: Annotated[
         str,
@@ -66,7 +74,7 @@ def tag(
         float, typer.Option("--threshold", "-t", help="Only report labels scoring at least this.")
     ] = None,
     window: Window = None,
-    hop: Hop = None,
+    hop: EventsHop = None,
     timeline: Annotated[
         bool, typer.Option("--timeline", help="Also report the scores of every window.")
     ] = False,
@@ -142,6 +150,9 @@ def tag(
         fail(f"--format {fmt!r}: choose {', '.join(formats)}" + ("" if events else " (more with --events)"))
     if events:
         event_options(event_threshold, off_threshold, median, min_duration, min_gap, (), frame_scores)
+    else:
+        flags = event_flags(event_threshold, off_threshold, median, min_duration, min_gap, frame_scores)
+        note_ignored(flags, "--events")
     if resume and output is None:
         fail("--resume continues a run written with --output FILE")
     if norm is not None:
@@ -156,6 +167,8 @@ def tag(
     if not isinstance(model, Classifier):
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = read_label_csv(labels) if labels is not None else model.labels
+    if labels is not None and len(names) != model.cfg.num_classes:
+        fail(f"--labels {labels}: {len(names)} class names, but the model has {model.cfg.num_classes}")
     if names is None or len(names) != model.cfg.num_classes:
         found = "no" if names is None else len(names)
         fail(f"the model has {model.cfg.num_classes} classes but {found} label names; pass --labels CSV")
@@ -167,10 +180,7 @@ def tag(
     if events and hop is None:
         hop_frames = events_hop(frames, frame_scores)
     inputs = collect_inputs(paths, audio_dir)
-    for problem in inputs.problems:
-        warn(problem)
-    if not inputs:
-        fail("no audio files found in " + ", ".join(paths))
+    report_inputs(inputs, paths)
     if fmt == "audacity" and len(inputs) > 1:
         fail("audacity labels hold the events of one file; tag one file at a time or use --format dcase")
     plots = _plot_paths(plot, len(inputs)) if plot is not None else None
@@ -200,7 +210,15 @@ def tag(
         if done:
             note(f"resuming: {done} file(s) already done in {output}.parts")
         resumed = 0 if distributed.launched() else done  # under torchrun the bar counts rank 0's share
-        bar = tqdm(total=todo + resumed, initial=resumed, unit="file", disable=quiet, file=err_console.file)
+        label = "rank 0" if distributed.launched() else None
+        bar = tqdm(
+            total=todo + resumed,
+            initial=resumed,
+            unit="file",
+            desc=label,
+            disable=quiet,
+            file=err_console.file,
+        )
 
     def on_file(i: int, res) -> None:
         bar.update()

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sslam_core.audio import constants
+from sslam_core.audio.constants import STEP_SECONDS
 from sslam_core.inference.embeddings import embed
 from sslam_core.models.factory import load_model as _load
 from sslam_core.models.hub import DEFAULT_ENCODER
@@ -55,6 +56,10 @@ def get_scene_embeddings(audio: Tensor, model: nn.Module) -> Tensor:
 def get_timestamp_embeddings(audio: Tensor, model: nn.Module) -> tuple[Tensor, Tensor]:
     """(n_sounds, n_samples) -> embeddings (n_sounds, n_steps, D) and timestamps (n_sounds, n_steps) in ms."""
     records = _records(audio, model, "frame")
-    emb = torch.from_numpy(np.stack([r.frame for r in records]))
-    times = torch.from_numpy(np.stack([(r.frame_times + 0.08) * 1000.0 for r in records])).float()
-    return emb, times
+    centres = [r.frame_times + STEP_SECONDS / 2 for r in records]
+    # steps whose centre lies past the end of the audio are left out: a timestamp never exceeds it
+    inside = [c <= r.duration + 1e-9 for c, r in zip(centres, records, strict=True)]
+    n = min(int(k.sum()) for k in inside)  # the sounds of a batch have one length, so one count
+    emb = torch.from_numpy(np.stack([r.frame[k][:n] for r, k in zip(records, inside, strict=True)]))
+    times = torch.from_numpy(np.stack([c[k][:n] * 1000.0 for c, k in zip(centres, inside, strict=True)]))
+    return emb, times.float()

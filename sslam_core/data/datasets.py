@@ -75,6 +75,16 @@ class LabelledSet:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def name(self, example: Example) -> str:
+        """How `example` is named in outputs and messages: its path relative to the set's audio root
+        (as the files of a single folder or manifest are named, see `inputs.collect_inputs`); a tar
+        member, or a file outside the root, by its path."""
+        if self.root and example.member is None and os.path.isdir(self.root):
+            relative = os.path.relpath(example.path, self.root)
+            if not relative.startswith(os.pardir + os.sep):
+                return relative
+        return example.path
+
     @property
     def class_names(self) -> list[str]:
         """Display names in class-index order."""
@@ -117,6 +127,11 @@ def _detect(spec: str) -> tuple[str, str]:
     if not os.path.isfile(spec):
         raise DatasetError(f"{spec}: no such file or folder")
     suffix = os.path.splitext(spec)[1].lower()
+    if suffix in AUDIO_EXTENSIONS:
+        raise DatasetError(
+            f"{spec}: an audio file, not a labelled set (give a labels CSV, a folder with labels.csv, "
+            "ESC-50, AudioSet CSV, fairseq manifest, strong-label TSV or tar shards)"
+        )
     if suffix == ".lbl":
         return "manifest", os.path.splitext(spec)[0] + ".tsv"
     first = _first_line(spec)
@@ -235,6 +250,7 @@ def read_labelled(
     folds: int | Iterable[int] | None = None,
     multilabel: bool | None = None,
     index_classes: Sequence[tuple[str, str]] | Sequence[str] | None = None,
+    kind: str | None = None,
 ) -> LabelledSet:
     """Read any supported labelled set, detecting the format from the path.
 
@@ -246,13 +262,16 @@ def read_labelled(
     (any clip with other than one label makes a set multi-label). `index_classes` (a model's class
     list) is what integer labels index, and what names or ids in the same labels match, when the set
     has them; the set then keeps the classes it uses. Without a list, integer labels name their own
-    classes ("74"), as names do.
+    classes ("74"), as names do. `kind` (a key of `READERS`, e.g. "strong") reads the file as that
+    format instead of detecting it.
     """
     spec = os.fspath(spec)
     audio = os.fspath(audio_dir) if audio_dir is not None else None
     if audio is not None and not os.path.isdir(audio):
         raise DatasetError(f"{audio}: audio folder does not exist")
-    fmt, path = _detect(spec)
+    if kind is not None and kind not in READERS:
+        raise DatasetError(f"unknown label format {kind!r}; choose {', '.join(READERS)}")
+    fmt, path = (kind, spec) if kind is not None else _detect(spec)
     parsed = READERS[fmt](path, audio)
     return _build(parsed, path, classes, folds, multilabel, index_classes)
 
@@ -279,7 +298,7 @@ def read_file_list(
         entry = line.split("\t")[0].strip() if manifest else line.strip()
         if not entry or entry.startswith("#"):
             continue
-        full = os.path.join(base, entry)
+        full = os.path.normpath(os.path.join(base, entry))  # `..` resolved: names read plainly
         if not missing_ok and not os.path.isfile(full):
             hint = " (pass --audio-dir to override the manifest root)" if manifest and not audio_dir else ""
             raise DatasetError(f"{path}:{number}: audio file not found: {full}{hint}")

@@ -123,7 +123,9 @@ def shard_paths(spec: str) -> list[str]:
     list's folder and expanded in turn."""
     if is_shard_list(spec):
         base = os.path.dirname(spec)
-        return [p for entry in _list_entries(spec) for p in shard_paths(os.path.join(base, entry))]
+        # entries relative to the list's folder, `..` resolved so that names read plainly
+        entries = [os.path.normpath(os.path.join(base, entry)) for entry in _list_entries(spec)]
+        return [p for entry in entries for p in shard_paths(entry)]
     if "{" in spec and not os.path.exists(spec):
         return expand_braces(spec)
     return [spec]

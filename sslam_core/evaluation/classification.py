@@ -181,14 +181,14 @@ def class_columns(
     return kept, [columns[i] for i in kept]
 
 
-def _source(example, skipped: list[str]):
+def _source(example, skipped: list[str], name: str):
     """A path (or tar member), or the decoded part of a file when the example names an offset."""
     if example.offset is None:
         return example.source
     try:
         wave = load_audio(example.path, SAMPLE_RATE)
     except AudioError as e:
-        skipped.append(str(e))
+        skipped.append(f"{name}: {e.reason}")
         return None
     start = int(round(example.offset * SAMPLE_RATE))
     stop = None if example.duration is None else start + int(round(example.duration * SAMPLE_RATE))
@@ -204,6 +204,7 @@ def predict(
     labels: Sequence[tuple[str, str]] | None = None,
     where: str = "checkpoint",
     progress: Callable[[str | None], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     stop: Callable[[], bool] | None = None,
     **overrides,
 ) -> Predictions:
@@ -213,7 +214,8 @@ def predict(
     or softmax scores (default: the data set's kind). `options` (or their fields as keywords) say how
     the model runs (windows, batching, device, precision, normalization; see `PipelineOptions`).
     Files that fail to decode are left out and listed in `skipped`, clips listed without audio in
-    `missing`; `progress(error_or_None)` is called once per file. When `stop()` turns true (checked
+    `missing`; `progress(error_or_None)` is called once per file, after `on_start(n)` with the number of clips
+    this process runs (a torchrun rank's share). When `stop()` turns true (checked
     after each file) the run ends there and the predictions of the files done so far are returned,
     with `complete` false.
 
@@ -234,17 +236,20 @@ def predict(
     skipped: list[str] = []
     sources, rows = [], []
     share = my_share([example.source for example in data.examples])
+    if on_start is not None:
+        on_start(len(share))
     for row in share:
         if stop():
             break
-        source = _source(data.examples[row], skipped)
+        source = _source(data.examples[row], skipped, data.name(data.examples[row]))
         if source is not None:
             sources.append(source)
             rows.append(row)
         elif progress is not None:
             progress(skipped[-1])
     paths, scores, good = [], [], []
-    results = tag(model, sources, pipeline_options(options, **overrides), multilabel=multilabel)
+    names = [data.name(data.examples[row]) for row in rows]
+    results = tag(model, sources, pipeline_options(options, **overrides), multilabel=multilabel, names=names)
     done = len(share) - len(sources)  # those skipped before decoding
     try:
         for row, res in zip(rows, results, strict=False):
@@ -252,7 +257,7 @@ def predict(
             if res.error is not None:
                 skipped.append(res.error)
             else:
-                paths.append(data.examples[row].path)
+                paths.append(data.name(data.examples[row]))
                 scores.append(res.scores[columns])
                 good.append(row)
             if progress is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,7 +45,9 @@ from sslam_core.inference.events import (
     tag_token_steps,
 )
 from sslam_core.inference.options import PipelineOptions
+from sslam_core.inference.partition import my_share
 from sslam_core.inference.tagging import tag
+from sslam_core.runs import distributed
 
 EXTRA_HINT = "strong-label evaluation needs the sed extra: pip install 'sslam[sed]' (sed_scores_eval)"
 
@@ -102,6 +104,35 @@ class StrongLabels:
 
     path: str
     events: dict[str, list[Interval]]
+    lines: dict[str, list[int]] = field(default_factory=dict)  # each event's line number, as `events`
+
+    def numbered(self) -> list[tuple[int, str, Interval]]:
+        """(line number, file key, event) of every event, in file order (line 0 when not known)."""
+        out = []
+        for key, events in self.events.items():
+            numbers = self.lines.get(key) or [0] * len(events)
+            out += [(n, key, event) for n, event in zip(numbers, events, strict=True)]
+        return sorted(out, key=lambda item: item[0])
+
+    def check_labels(self, known: Iterable[str], where: str) -> None:
+        """A StrongEvalError naming `PATH:LINE` for the first event whose label is none of `known`
+        (a model's class ids and names; `where` names the model)."""
+        known = set(known)
+        for number, _, (_, _, label) in self.numbered():
+            if label not in known:
+                raise StrongEvalError(
+                    f"{self.path}:{number}: label {label!r} is not a class of {where} (matched by id or name)"
+                )
+
+    def past_the_end(self, durations: dict[str, float], tolerance: float = 0.05) -> list[str]:
+        """`PATH:LINE: ...` for each event that ends after its file does (by more than `tolerance`
+        seconds: label tools round times); `durations` by file key. Scoring cuts them at the end."""
+        return [
+            f"{self.path}:{number}: the event ends at {offset:g} s, after the end of {key} "
+            f"({durations[key]:.3f} s)"
+            for number, key, (_, offset, _) in self.numbered()
+            if key in durations and offset > durations[key] + tolerance
+        ]
 
 
 def read_strong_events(path: str) -> StrongLabels:
@@ -115,11 +146,18 @@ def read_strong_events(path: str) -> StrongLabels:
     except DatasetError as e:
         raise StrongEvalError(str(e)) from None
     events: dict[str, list[Interval]] = {}
+    numbers: dict[str, list[int]] = {}
     for number, line in enumerate(lines, 1):
         cells = [c.strip() for c in line.split("\t")]
         if not line.strip() or (number == 1 and cells[0].lower() in ("filename", "file", "path")):
             continue
+        if len(cells) == 1 and line.count(",") >= 2 and not line.lstrip().startswith('"'):
+            raise StrongEvalError(
+                f"{path}:{number}: the line is comma-separated; strong labels are tab-separated: "
+                "filename<TAB>onset<TAB>offset<TAB>event_label"
+            )
         listed = events.setdefault(stem(cells[0]), [])
+        numbered = numbers.setdefault(stem(cells[0]), [])
         if len(cells) == 1 or (len(cells) >= 4 and not any(cells[1:4])):
             continue
         try:
@@ -135,9 +173,10 @@ def read_strong_events(path: str) -> StrongLabels:
                 f"{path}:{number}: onset {onset} and offset {offset}: need 0 <= onset < offset"
             )
         listed.append((onset, offset, cells[3]))
+        numbered.append(number)
     if not events:
         raise StrongEvalError(f"{path}: no events listed")
-    return StrongLabels(path, events)
+    return StrongLabels(path, events, numbers)
 
 
 @dataclass
@@ -160,24 +199,41 @@ def predict_events(
     *,
     frame_scores: str = "window",
     progress: Callable[[str | None], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[dict[str, FilePrediction], list[str]]:
     """({key: FilePrediction}, skip reasons): the events `sslam tag --events` finds in each source,
     with the step scores they come from (`frame_scores` "window" or "token"), the model run as
-    `pipeline` says."""
+    `pipeline` says; `names` (default the sources) name the files in skip reasons. `on_start(n)` is
+    called with the number of files this process runs, then `progress(error_or_None)` after each.
+
+    Under `torchrun` every rank calls this with the same arguments and runs its share of the files
+    (`partition.my_share`); rank 0 gets everyone's predictions in the order of `keys`, the other ranks
+    their own."""
     tagger = tag_token_steps if frame_scores == "token" else tag
     multilabel = getattr(model, "multilabel", True)
-    results = tagger(model, list(sources), pipeline, multilabel=multilabel, stop=stop)
+    share = my_share(list(sources))
+    if on_start is not None:
+        on_start(len(share))
+    mine = [sources[i] for i in share]
+    mine_names = [names[i] for i in share] if names is not None else None
+    results = tagger(model, mine, pipeline, multilabel=multilabel, stop=stop, names=mine_names)
     out, skipped = {}, []
-    for key, res in zip(keys, results, strict=False):  # shorter when stopped
+    for i, res in zip(share, results, strict=False):  # shorter when stopped
         if res.error is None:
             starts, scores = result_step_scores(res, options.step)
             found = detect(starts, scores, res.duration, labels, options)
-            out[key] = FilePrediction(res.duration, starts, smoothed(scores, options), found)
+            out[keys[i]] = FilePrediction(res.duration, starts, smoothed(scores, options), found)
         else:
             skipped.append(res.error)
         if progress is not None:
             progress(res.error)
+    parts = distributed.gather_objects((out, skipped))
+    if parts is not None and len(parts) > 1:  # rank 0 of several: everyone's, in the order of `keys`
+        merged = {k: v for part, _ in parts for k, v in part.items()}
+        out = {k: merged[k] for k in keys if k in merged}
+        skipped = [reason for _, part in parts for reason in part]
     return out, skipped
 
 
@@ -280,9 +336,12 @@ def score_predictions(
 ) -> dict:
     """`score` of `predict_events`' output: `columns` maps each reference label to the model column
     whose display name (in `labels`) the detected events carry; only the predicted files count, and
-    only classes with a reference event in them."""
+    only classes with a reference event in them. Reference events are cut at their file's end."""
     names = {label: labels[col][1] for label, col in columns.items()}
-    reference = {k: [(a, b, names[c]) for a, b, c in truth.events[k] if c in names] for k in predictions}
+    reference = {  # events past the end of their file cut there (`StrongLabels.past_the_end` names them)
+        k: [(a, min(b, p.duration), names[c]) for a, b, c in truth.events[k] if c in names and a < p.duration]
+        for k, p in predictions.items()
+    }
     present = {c for events in reference.values() for _, _, c in events}
     kept = sorted({col for label, col in columns.items() if names[label] in present})
     classes = [labels[col][1] for col in kept]

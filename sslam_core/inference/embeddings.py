@@ -171,13 +171,14 @@ def extract_to_h5(
     flush_files: int = 256,
     stop: Callable[[], bool] | None = None,
     on_file: Callable[[Record], None] | None = None,
-    on_share: Callable[[int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> ExtractSummary:
     """Extract features of every source into one HDF5 file (layout in `feature_store`).
 
     `names` are the paths as stored in the file. Files already in an unfinished run's journal are
     skipped with `resume=True`; bad files are recorded in `errors` and reported via `on_file`;
-    `on_share(n)` says how many files this torchrun rank runs. When
+    `on_start(todo, done)` is called once with the number of files this process will run (a torchrun
+    rank's share) and of those done before (resumed). When
     `stop()` turns true the files finished so far go to the journal and the HDF5 file is not written
     (`interrupted` in the summary); `resume=True` later finishes the rest. `features` say what is
     kept (granularity, layer, frame hop); `compression` (none, gzip, lzf) applies to the HDF5 datasets.
@@ -199,8 +200,8 @@ def extract_to_h5(
     todo = [(s, n) for s, n in zip(sources, names, strict=True) if n not in done]
     share = my_share([s for s, _ in todo])  # all of them in one process; a torchrun rank's part
     todo = todo[share.start : share.stop]
-    if on_share is not None and distributed.get_world_size() > 1:
-        on_share(len(todo))
+    if on_start is not None:
+        on_start(len(todo), len(done))
     shifts = frame_shifts(features.frame_hop)
     results = _passes(model, [s for s, _ in todo], features, options, stop, [n for _, n in todo])
     finished = 0

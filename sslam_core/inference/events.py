@@ -139,7 +139,10 @@ def check_token_scores(model: Classifier) -> None:
     from sslam_core.models.onnx_runtime import OnnxModel
 
     if isinstance(model, OnnxModel):
-        raise OptionError("token frame scores need the PyTorch model (an ONNX export gives clip logits only)")
+        instead = "" if model.cached_for is None else "; run another --precision"
+        raise OptionError(
+            f"token frame scores need the PyTorch model ({model.described} gives clip logits only{instead})"
+        )
     if model.cfg.pool != "mean":
         raise OptionError(
             f"token frame scores need a classifier with mean pooling; this one pools {model.cfg.pool!r}"
@@ -295,12 +298,12 @@ def read_thresholds(path: str, labels: Sequence[tuple[str, str]]) -> tuple[tuple
     """Per-class thresholds from a CSV `label,threshold` (a header line is allowed; the label is a
     display name or a mid); an unknown label or a bad number is a ValueError naming the line."""
     index = {key: i for i, (mid, name) in enumerate(labels) for key in (mid, name)}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if rows and rows[0][-1].strip().lower() == "threshold":
+    with open(path, encoding="utf-8-sig", newline="") as f:  # (line number, row) of the non-blank lines
+        rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
+    if rows and rows[0][1][-1].strip().lower() == "threshold":
         rows = rows[1:]
     out = []
-    for number, row in enumerate(rows, 1):
+    for number, row in rows:
         try:
             label, value = (c.strip() for c in row)
             out.append((index[label], float(value)))

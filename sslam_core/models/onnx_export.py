@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from sslam_core.errors import SslamError
 from sslam_core.models.checkpoint import Checkpoint, CheckpointError, metadata, sha256_file
 from sslam_core.models.loading import read_checkpoint, reader_for, resolve, torch_model
-from sslam_core.models.onnx_runtime import INPUT, onnx_model, open_session, require, run_session
+from sslam_core.models.onnx_runtime import INPUT, cached_int8, onnx_model, open_session, require, run_session
 from sslam_core.models.transformer import Classifier
 from sslam_core.runs.outputs import atomic_write
 
@@ -244,7 +244,8 @@ def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Modul
         path, _ = int8_checkpoint(ckpt)
     except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
         raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
-    return onnx_model(read_checkpoint(path, allow_onnx=True), device)
+    model = onnx_model(read_checkpoint(path, allow_onnx=True), device)
+    return model if ckpt.layout == "onnx" else cached_int8(model, ckpt.source)
 
 
 def load_int8(
@@ -260,7 +261,7 @@ def load_int8(
             weights = None  # read_checkpoint below says what is wrong with it
         cached = _int8_file(sha256_file(weights), teacher) if weights is not None else None
         if cached is not None and cached.is_file():
-            return onnx_model(read_checkpoint(cached, allow_onnx=True), device)
+            return cached_int8(onnx_model(read_checkpoint(cached, allow_onnx=True), device), str(path_or_id))
     return int8_model(read_checkpoint(path, teacher, allow_onnx=True), device)
 
 

@@ -107,6 +107,13 @@ def run_session(session: Any, x: Tensor) -> dict[str, Tensor]:
     return {n: torch.from_numpy(v).to(x.device) for n, v in zip(names, session.run(names, feed), strict=True)}
 
 
+def cached_int8(model: OnnxModel, checkpoint: str) -> OnnxModel:
+    """Mark `model` as the int8 model cached for the torch checkpoint `checkpoint` (for messages)."""
+    model.cached_for = checkpoint
+    model.described = f"the int8 model cached for {checkpoint}"
+    return model
+
+
 class OnnxModel(nn.Module):
     """An exported model run by ONNX Runtime, with the torch model's attributes (`cfg`, `labels`,
     `normalization`, `target_length`, `multilabel`, `checkpoint_info`). Its graph holds the features of
@@ -126,6 +133,10 @@ class OnnxModel(nn.Module):
         self.normalization = ckpt.normalization
         self.multilabel = bool(ckpt.extra.get("multilabel", True))
         self.target_length = int(onnx_meta["target_length"])
+        # how messages name it: an .onnx file given as the checkpoint, or the int8 model cached for a
+        # torch checkpoint (`onnx_export.int8_model` says so, and `cached_for` names that checkpoint)
+        self.described = "this ONNX export"
+        self.cached_for: str | None = None
         self.checkpoint_info = {
             **ckpt.info,
             "exported_from": str(onnx_meta.get("source") or ""),
@@ -145,9 +156,13 @@ class OnnxModel(nn.Module):
             return self.layer
         n = layer if layer > 0 else depth + 1 + layer
         if n != self.layer or layer == 0:
+            again = (
+                f"export again with --layer {layer}"
+                if self.cached_for is None
+                else f"run another --precision, or `sslam export --int8 --layer {layer}` and run that file"
+            )
             raise OptionError(
-                f"layer {layer}: this ONNX export gives block {self.layer} of {depth} only "
-                f"(export again with --layer {layer})"
+                f"layer {layer}: {self.described} gives block {self.layer} of {depth} only ({again})"
             )
         return n
 
@@ -198,6 +213,8 @@ __all__ = [
     "OnnxEncoder",
     "OnnxModel",
     "OnnxUnavailable",
+    "batch_dependent",
+    "cached_int8",
     "onnx_model",
     "open_session",
     "read_metadata",

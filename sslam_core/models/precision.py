@@ -16,6 +16,7 @@ comma-separated list of flags as /proc/cpuinfo names them, e.g. `avx2`, `avx512f
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +24,18 @@ from pathlib import Path
 
 import torch
 
+from sslam_core.errors import OptionError
+
 CHOICES = ("fp32", "bf16", "fp16", "int8", "auto")
 ENV = "SSLAM_CPU_CAPABILITY"
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # strongest first: the name `CpuCapability.name` gives
+# The flags that decide a precision, and the other x86 SIMD flags an override may name (as /proc/cpuinfo).
+DECIDING_FLAGS = frozenset({"avx2", "avx512f", *BF16_FLAGS})
+KNOWN_FLAGS = DECIDING_FLAGS | {
+    "sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "fma", "f16c", "avx512bw", "avx512vl",
+    "avx512dq", "avx512cd", "avx512_vnni", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_fp16",
+    "default", "asimd", "sve", "sve2",
+}  # fmt: skip
 # torch's capability keys that differ from /proc/cpuinfo's flag names
 _TORCH_NAMES = {"avx512_f": "avx512f", "avx512_bw": "avx512bw", "avx512_vl": "avx512vl"}
 
@@ -56,8 +66,9 @@ class CpuCapability:
 
 
 def parse_flags(text: str) -> frozenset[str]:
-    """`avx512f, AVX512_BF16` -> {"avx512f", "avx512_bf16"}; `none` -> no flags."""
-    flags = {f.strip().lower() for f in text.replace("+", ",").split(",") if f.strip()}
+    """`avx512f, AVX512_BF16` (or separated by `+` or spaces, as /proc/cpuinfo lists them) ->
+    {"avx512f", "avx512_bf16"}; `none` -> no flags."""
+    flags = {f.lower() for f in re.split(r"[,+\s]+", text) if f}
     return frozenset(flags - {"none"})
 
 
@@ -89,7 +100,14 @@ def cpu_capability() -> CpuCapability:
     with none of them, no features (fp32 everywhere)."""
     override = os.environ.get(ENV)
     if override is not None:
-        return CpuCapability(parse_flags(override), ENV)
+        flags = parse_flags(override)
+        unknown = sorted(flags - KNOWN_FLAGS)
+        if unknown or (not flags and override.strip().lower() != "none"):
+            raise OptionError(
+                f"{ENV}={override!r}: {', '.join(unknown) or 'no flag'} is not a CPU feature sslam knows; "
+                f"give flags as /proc/cpuinfo names them ({', '.join(sorted(DECIDING_FLAGS))}, ...) or none"
+            )
+        return CpuCapability(flags, ENV)
     flags = _torch_flags()
     if flags is not None:
         return CpuCapability(flags, "torch")

@@ -249,7 +249,8 @@ class FeatureStore:
         for name in ragged:
             h5.create_dataset(f"{name}/offsets", data=np.concatenate(offsets[name]))
         h5.create_dataset("errors/paths", data=np.array([p for _, p, _ in errors], dtype=object), dtype=STR)
-        h5.create_dataset("errors/reasons", data=np.array([e for _, _, e in errors], dtype=object), dtype=STR)
+        reasons = [e.removeprefix(f"{p}: ") for _, p, e in errors]  # the path is in errors/paths already
+        h5.create_dataset("errors/reasons", data=np.array(reasons, dtype=object), dtype=STR)
 
 
 def _row_chunks(rows: int, dim: int) -> tuple[int, int]:

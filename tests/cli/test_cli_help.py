@@ -14,7 +14,11 @@ COMMANDS = ["tag", "extract", "convert", "pretrain", "finetune", "eval", "stats"
 
 # Texts that only show when `[default: ...]`-style brackets in help strings survive rendering.
 EXPECTED = {
-    "tag": ["[default: ta012/SSLAM_AS2M_Finetuned]", "else 10.24]", "[default: the window]"],
+    "tag": [
+        "[default: ta012/SSLAM_AS2M_Finetuned]",
+        "else 10.24]",
+        "[default: the window; with --events a quarter of it]",
+    ],
     "extract": ["[default: the window]", "[default: 4 on CPU, 32 on GPU]"],
     "eval": ["[default: the checkpoint's"],
     "pretrain": ["[base]", "[eat 400k, sslam 200k]", "[eat 5e-4, sslam 5e-5]", "[auto]"],

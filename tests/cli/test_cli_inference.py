@@ -230,7 +230,8 @@ def test_hear_api_and_python_api():
     scene = hear.get_scene_embeddings(x16[None].repeat(2, 1), model)
     np.testing.assert_allclose(scene[0].numpy(), EXPECTED["pre_all_1024"][1, 0], atol=1e-4)
     emb, ts = hear.get_timestamp_embeddings(x16[None], model)  # every 40 ms, within HEAR's 50 ms
-    assert emb.shape == (1, 250, 64) and ts[0, :3].tolist() == pytest.approx([80.0, 120.0, 160.0])
+    assert emb.shape == (1, 249, 64) and ts[0, :3].tolist() == pytest.approx([80.0, 120.0, 160.0])
+    assert ts[0, -1].item() == pytest.approx(10000.0)  # no step centred past the 10 s of audio (10040)
     coarse, ts160 = hear.get_timestamp_embeddings(x16[None], hear.load_model(PRETRAIN, frame_hop=0.16))
     assert coarse.shape == (1, 63, 64) and ts160[0, :2].tolist() == pytest.approx([80.0, 240.0])
     np.testing.assert_array_equal(emb[0, ::4].numpy(), coarse[0].numpy())  # the unshifted pass

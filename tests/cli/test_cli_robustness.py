@@ -91,7 +91,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     empty.mkdir()
     proc = sslam("tag", str(empty), "-c", FINETUNED, check=2)
     one_line_errors(proc.stderr)
-    assert "no audio files found" in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {empty}: no audio files (.wav, .flac, .mp3, .ogg, .oga, .opus, "
+        ".m4a, .aac, .mp4, .webm, .aif, .aiff) in this folder"
+    ]  # one line
     for norm in ("foo", "1,0", "nan,2", "1,2,3"):
         proc = sslam(
             "extract", str(CLIP), "-o", str(tmp_path / "x.h5"), "-c", PRETRAIN, "--norm", norm, check=2

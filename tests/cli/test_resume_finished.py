@@ -8,6 +8,7 @@ import os
 
 import pytest
 from conftest import DATA, TINY_FINETUNED, TINY_PRETRAIN, sslam
+from tqdm import tqdm
 
 FILES = [DATA / "real_32k.wav", DATA / "robin.ogg"]
 
@@ -40,6 +41,7 @@ def test_extract_resume_of_a_finished_file_notes_or_refuses_and_never_replaces(t
         assert "already complete" in refused.stderr and "--overwrite" in refused.stderr
         assert out.read_bytes() == before
     assert not (tmp_path / "x.h5.parts").exists()
+    assert not list(getattr(tqdm, "_instances", []))  # a refusal closes the progress bar it opened
 
 
 def test_tag_resume_of_a_finished_file_notes_or_refuses_and_never_replaces(tmp_path):

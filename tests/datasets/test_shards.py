@@ -194,6 +194,17 @@ def test_tag_on_a_shard_list(corpus, monkeypatch):
     ]
 
 
+def test_shard_list_entries_are_named_without_dotdot(corpus, tmp_path, monkeypatch):
+    (corpus / "lists").mkdir(exist_ok=True)
+    (corpus / "lists" / "up.txt").write_text("../shards/digits-001.tar\n")
+    monkeypatch.chdir(corpus)
+    out = sslam(
+        "tag", "lists/up.txt", "-c", FIX / "tiny_finetuned.pt", "--format", "json", "--window", "2.56"
+    )
+    paths = [json.loads(line)["path"] for line in out.stdout.splitlines()]
+    assert paths == [f"shards/digits-001.tar/{k}.wav" for k in CLIPS["b"]]  # was lists/../shards/...
+
+
 @pytest.fixture(scope="module")
 def digit_classifier(tmp_path_factory) -> Path:
     from sslam_core.models.layouts.native import save_checkpoint

@@ -97,7 +97,8 @@ def test_audioset_eval_matches_sklearn_and_tag(audioset_run, audioset):
     assert "1 listed clip(s) have no audio" in stderr
     # The scores are exactly those of `sslam tag`'s pipeline: max over 128-frame windows.
     model = load_model(FINETUNED)
-    tagged = list(tag(model, pred.paths, target_length=int(FRAMES), batch_size=3, workers=1))
+    files = [str(audioset / p) for p in pred.paths]  # named relative to the set's audio folder
+    tagged = list(tag(model, files, target_length=int(FRAMES), batch_size=3, workers=1))
     assert all(len(t.segments) == 2 for t in tagged)
     np.testing.assert_allclose(pred.scores, np.stack([t.scores for t in tagged]), atol=1e-6)
     assert (out / "ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -187,6 +188,7 @@ def test_multiclass_custom_checkpoint_and_corrupt_file(digits_checkpoint, tmp_pa
     assert len(skipped) == 1 and "broken.wav" in skipped[0]
     assert "evaluated 3 clip(s), skipped 1" in result.stderr
     pred = Predictions.load(pred_path)
+    assert pred.paths == ["train_00000.wav", "train_00002.wav", "train_00015.wav"]  # named as given
     assert not pred.multilabel and pred.classes == [("nine", "nine"), ("one", "one"), ("three", "three")]
     assert summary["n_clips"] == 3 and summary["n_skipped"] == 1 and len(pred.skipped) == 1
     truth = pred.targets.argmax(axis=1)
@@ -197,7 +199,12 @@ def test_multiclass_custom_checkpoint_and_corrupt_file(digits_checkpoint, tmp_pa
     # the scores are the model's softmax columns for (nine, one, three), max over windows
     model = load_model(digits_checkpoint)
     probs = np.stack(
-        [t.scores for t in tag(model, pred.paths, target_length=96, multilabel=False, workers=1)]
+        [
+            t.scores
+            for t in tag(
+                model, [str(tmp_path / p) for p in pred.paths], target_length=96, multilabel=False, workers=1
+            )
+        ]  # fmt: skip
     )
     np.testing.assert_allclose(pred.scores, probs[:, [3, 0, 1]], atol=1e-6)
     table = sslam(*args, code=1).stdout

@@ -228,3 +228,35 @@ def test_events_become_scores_that_give_them_back():
     table = event_scores(events, 2.0, ["a", "b"])
     back = scores_to_event_list(table, 0.5)
     assert sorted(back) == sorted(events)
+
+
+def test_strong_file_faults_name_the_file_and_line(mean_ckpt, tmp_path):
+    """A comma-separated file, a label the model lacks and an event past its file's end each name
+    strong.tsv:LINE (they were taken for a fairseq manifest, blamed on the checkpoint, accepted)."""
+    libraries()
+    (tmp_path / "audio").symlink_to(POLY / "audio")
+    rows = STRONG.read_text().splitlines()
+    commas = tmp_path / "commas.tsv"
+    commas.write_text("\n".join(r.replace("\t", ",") for r in rows) + "\n")
+    result = sslam("eval", "-c", mean_ckpt, "--strong", commas, *WINDOW, code=2)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {commas}:1: the line is comma-separated; strong labels are tab-separated: "
+        "filename<TAB>onset<TAB>offset<TAB>event_label"
+    ]
+    unknown = tmp_path / "unknown.tsv"
+    unknown.write_text("\n".join([*rows[:3], "train_00001.wav\t0.1\t0.5\tdog", *rows[3:]]) + "\n")
+    result = sslam("eval", "-c", mean_ckpt, "--strong", unknown, *WINDOW, code=2)
+    assert result.stderr.strip().splitlines() == [
+        f"error: {unknown}:4: label 'dog' is not a class of {mean_ckpt} (matched by id or name)"
+    ]
+    late = tmp_path / "late.tsv"
+    late.write_text("\n".join([*rows[:2], "train_00000.wav\t1.9\t2.6\t4", *rows[2:]]) + "\n")
+    base = json.loads(sslam("eval", "-c", mean_ckpt, "--strong", STRONG, "-f", "json", *WINDOW).stdout)
+    result = sslam("eval", "-c", mean_ckpt, "--strong", late, "-f", "json", *WINDOW)
+    notes = [line for line in result.stderr.splitlines() if "after" in line]
+    assert notes == [
+        f"note: {late}:3: the event ends at 2.6 s, after the end of train_00000 (2.000 s)",
+        "note: 1 reference event(s) end after their file; they are scored cut at its end",
+    ]
+    summary = json.loads(result.stdout)
+    assert summary["n_reference_events"] == base["n_reference_events"] + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from conftest import CHECKPOINTS as FIX
 from conftest import ROOT, child_pids
 from conftest import sslam_process as sslam
 
-from sslam_core.inference.partition import balanced_ranges
+from sslam_core.data.datasets import read_labelled
+from sslam_core.data.inputs import collect_inputs
+from sslam_core.inference.partition import balanced_ranges, durations
 
 PRETRAIN = str(FIX / "tiny_pretrain.pt")
 FINETUNED = str(FIX / "tiny_finetuned.pt")
@@ -56,6 +59,24 @@ def assert_same_h5(a: Path, b: Path) -> None:
         assert np.array_equal(da[name], db[name]), name
 
 
+def bar_counts(stderr: str) -> list[tuple[int, int]]:
+    """The (done, total) counts of the progress bars in `stderr` (tqdm's `N/M [` updates)."""
+    return [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) \[", stderr)]
+
+
+def assert_one_bar_for_rank_0s_share(stderr: str, share: int) -> None:
+    """One bar, labelled rank 0, counting rank 0's share to its end (not the whole set first, nor
+    stopping at half of it)."""
+    counts = bar_counts(stderr)
+    assert counts and {total for _, total in counts} == {share}, counts
+    assert counts[-1] == (share, share) and "rank 0:" in stderr, stderr
+
+
+def rank_0_share(sources: list) -> int:
+    """How many of `sources` rank 0 of 2 runs (`partition.my_share`)."""
+    return len(balanced_ranges(durations(sources), 2)[0])
+
+
 def test_balanced_ranges_split_by_weight_not_count():
     assert balanced_ranges([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
     assert balanced_ranges([10, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]
@@ -78,6 +99,7 @@ def test_two_ranks_write_the_file_one_process_writes(corpus, tmp_path):
     with h5py.File(sharded) as h5:
         assert h5["clip"].compression == "gzip" and h5["clip"].chunks[1] == h5["clip"].shape[1]
         assert list(h5["errors/paths"].asstr()) == ["bad.wav"]
+        assert not h5["errors/reasons"].asstr()[0].startswith("bad.wav")  # the path is in errors/paths
     assert not Path(str(sharded) + ".parts").exists()
 
 
@@ -138,6 +160,7 @@ def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
     single = sslam("tag", *args, check=1).stdout
     sharded = sslam("tag", *args, torchrun=2)
     assert sharded.stdout == single and sharded.stderr.count("skipped: bad.wav") == 1
+    assert_one_bar_for_rank_0s_share(sharded.stderr, rank_0_share(collect_inputs([str(corpus)]).paths))
     out = tmp_path / "tags.jsonl"
     sslam("tag", *args, "-o", str(out), torchrun=2)
     assert out.read_text() == single
@@ -161,6 +184,8 @@ def test_eval_under_two_ranks_scores_the_gathered_predictions(tmp_path):
     single = sslam(*args, "--predictions-out", str(tmp_path / "one.npz"))
     sharded = sslam(*args, "--predictions-out", str(tmp_path / "two.npz"), torchrun=2)
     assert json.loads(sharded.stdout) == json.loads(single.stdout)
+    examples = read_labelled(data).examples
+    assert_one_bar_for_rank_0s_share(sharded.stderr, rank_0_share([e.source for e in examples]))
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert sorted(one.files) == sorted(two.files)
     for key in one.files:
@@ -183,3 +208,39 @@ def test_tar_shards_under_two_ranks_equal_one_process(corpus, tmp_path):
     assert_same_h5(single, sharded)
     with h5py.File(sharded) as h5:
         assert h5["paths"].asstr()[0] == f"{tmp_path}/as-000.tar/0/{files[3].name}"  # files[0]: bad.wav
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_error_under_two_ranks_is_printed_once():
+    proc = sslam("eval", "-c", FINETUNED, "--data", str(ROOT / "tests" / "data" / "real_32k.wav"),
+                 torchrun=2, check=None)  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {ROOT}/tests/data/real_32k.wav: an audio file, not a labelled set (give a labels CSV, a "
+        "folder with labels.csv, ESC-50, AudioSet CSV, fairseq manifest, strong-label TSV or tar shards)"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_strong_eval_under_two_ranks_scores_once_what_one_process_scores(tmp_path):
+    pytest.importorskip("sed_scores_eval")
+    import torch
+
+    from sslam_core.models.layouts.native import save_checkpoint
+    from sslam_core.models.transformer import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, depth=1, num_heads=2, max_length=64, num_classes=10))
+    torch.nn.init.normal_(model.head.weight, std=3.0)
+    ckpt = tmp_path / "digits.safetensors"
+    digits = [(str(i), str(i)) for i in range(10)]
+    save_checkpoint(ckpt, model.cfg, model.state_dict(), labels=digits, extra={"multilabel": True})
+    strong = ROOT / "tests" / "data" / "polydigits" / "strong.tsv"
+    args = ["eval", "-c", str(ckpt), "--strong", str(strong), "--window", "0.64", "-f", "json"]
+    single = sslam(*args)
+    sharded = sslam(*args, torchrun=2)
+    assert json.loads(sharded.stdout) == json.loads(single.stdout)  # one summary, printed by rank 0
+    assert sharded.stderr.count("note: 1 listed clip(s) have no audio") == 1

@@ -343,3 +343,29 @@ def test_int8_scores_do_not_depend_on_the_batch(monkeypatch, tmp_path):
         for res, path in zip(results, batch, strict=True):
             if path == CLIP:
                 np.testing.assert_array_equal(res.scores, alone.scores)
+
+
+def test_precision_of_an_export_and_messages_of_the_cached_int8_model(exported, monkeypatch, tmp_path):
+    """--precision does not change an .onnx export: a note says what it runs (it was ignored); the
+    messages of a torch checkpoint's cached int8 model name it (they said "this ONNX export")."""
+    monkeypatch.setenv("SSLAM_CACHE", str(tmp_path / "cache"))
+    fp32 = sslam("tag", CLIP, "-c", exported["finetuned"], "-f", "json", "--precision", "bf16")
+    assert (
+        f"note: {exported['finetuned']} is an fp32 ONNX export and runs fp32; --precision bf16 applies "
+        "to torch checkpoints"
+    ) in fp32.stderr
+    assert "ONNX export" not in sslam("tag", CLIP, "-c", exported["finetuned"], "-f", "json").stderr
+    int8 = sslam("extract", CLIP, "-c", exported["int8"], "-o", tmp_path / "a.h5", "--layer", "1")
+    assert f"note: {exported['int8']} is an int8 ONNX export and runs int8" in int8.stderr
+    layer = sslam("extract", CLIP, "-c", PRETRAIN, "-o", tmp_path / "b.h5", "--precision", "int8",
+                  "--layer", "1", code=2)  # fmt: skip
+    assert error_line(layer) == (
+        f"error: layer 1: the int8 model cached for {PRETRAIN} gives block 2 of 2 only (run another "
+        "--precision, or `sslam export --int8 --layer 1` and run that file)"
+    )
+    token = sslam("tag", CLIP, "-c", FINETUNED, "--precision", "int8", "--events", "--frame-scores",
+                  "token", code=2)  # fmt: skip
+    assert error_line(token) == (
+        "error: --frame-scores token: token frame scores need the PyTorch model (the int8 model cached "
+        f"for {FINETUNED} gives clip logits only; run another --precision)"
+    )
