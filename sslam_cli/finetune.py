@@ -6,12 +6,13 @@ resolves them and sets up and trains the run.
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Annotated
 
 import typer
 
-from sslam_cli.options import EXIT_OK, EXIT_SKIPPED, fail, finish, warn
+from sslam_cli.options import EXIT_OK, EXIT_SKIPPED, fail, finish, note, warn
 from sslam_core.errors import SslamError
 
 
@@ -20,7 +21,7 @@ def finetune(
     *,
     data: Annotated[
         str, typer.Option("--data", help="Training set: folder with labels.csv, .csv/.tsv or manifest.")
-    ],
+    ] = None,
     checkpoint: Annotated[
         str,
         typer.Option(
@@ -29,7 +30,19 @@ def finetune(
     ] = None,
     output: Annotated[
         str, typer.Option("--output", "-o", help="Run folder (model.safetensors, metrics, state).")
-    ],
+    ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="An official protocol: as2m, as20k, esc50, spcv2, spass-linear or spass-finetune; the flags "
+            "given win.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the resolved settings as one JSON object; train nothing."),
+    ] = False,
     valid: Annotated[str, typer.Option("--valid", help="Validation set, same formats as --data.")] = None,
     valid_fraction: Annotated[
         float,
@@ -41,6 +54,14 @@ def finetune(
     linear: Annotated[
         bool, typer.Option("--linear", help="Frozen encoder; train fc_norm + head on the pooled features.")
     ] = False,
+    probe: Annotated[
+        str,
+        typer.Option(
+            "--probe",
+            help="Linear protocol: cached (features computed once, no augmentation; fast) or augmented (the "
+            "official linear evaluation: the frozen encoder on every augmented batch).",
+        ),
+    ] = "cached",
     pool: Annotated[
         str,
         typer.Option(
@@ -64,15 +85,52 @@ def finetune(
         float, typer.Option("--layer-decay", help="Layer-wise lr decay (full fine-tuning).")
     ] = 0.65,
     drop_path: Annotated[float, typer.Option("--drop-path")] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="End of the cosine schedule.")] = 1e-6,
     mixup: Annotated[
         bool, typer.Option("--mixup/--no-mixup", help="[default: on for multi-label only]")
     ] = None,
+    mixup_alpha: Annotated[
+        float, typer.Option("--mixup-alpha", help="Beta(a, a) of the mixing weight.")
+    ] = 0.8,
+    mixup_prob: Annotated[float, typer.Option("--mixup-prob", help="Share of batches mixed.")] = 0.9,
     specaugment: Annotated[bool, typer.Option("--specaugment/--no-specaugment")] = True,
-    roll: Annotated[bool, typer.Option("--roll/--no-roll")] = True,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Multi-class only.")] = 0.1,
+    specaugment_ratio: Annotated[
+        float,
+        typer.Option(
+            "--specaugment-ratio", help="Largest frequency and time masks, as a share of bins and frames."
+        ),
+    ] = 0.2,
+    noise: Annotated[
+        bool, typer.Option("--noise/--no-noise", help="Speech Commands fbank noise and shift [off].")
+    ] = False,
+    roll: Annotated[bool, typer.Option("--roll/--no-roll", help="Waveform roll and gain.")] = True,
+    label_smoothing: Annotated[
+        float, typer.Option("--label-smoothing", help="Multi-class cross-entropy only.")
+    ] = 0.1,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss", help="bce or ce [default: bce for multi-label, ce (cross-entropy) otherwise]."
+        ),
+    ] = None,
     weighted_sampling: Annotated[
         bool,
         typer.Option("--weighted-sampling/--no-weighted-sampling", help="[default: on for multi-label only]"),
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights", help="Sampling weights (`sslam weights` CSV, or one per line) [default: computed]."
+        ),
+    ] = None,
+    clips_per_epoch: Annotated[
+        int,
+        typer.Option(
+            "--clips-per-epoch",
+            help="Weighted sampling: distinct clips drawn per epoch [default: as many draws as clips, with "
+            "replacement].",
+        ),
     ] = None,
     multilabel: Annotated[
         bool,
@@ -98,6 +156,14 @@ def finetune(
     valid_folds: Annotated[
         str, typer.Option("--valid-folds", help="Validation folds (ESC-50), e.g. 5.")
     ] = None,
+    cross_validate: Annotated[
+        bool,
+        typer.Option(
+            "--cross-validate/--no-cross-validate",
+            help="One run per fold (ESC-50's five) in OUTPUT/foldK; mean and spread in "
+            "OUTPUT/cross_validation.json (the esc50 recipe's way).",
+        ),
+    ] = False,
     precision: Annotated[
         str, typer.Option(help="fp32, bf16 or fp16 (mixed precision on GPU only).")
     ] = "bf16",
@@ -135,6 +201,7 @@ def finetune(
         SETTING_NAMES,
         read_config_file,
         resolve_settings,
+        resolved_values,
         setup_finetuning,
     )
 
@@ -143,17 +210,27 @@ def finetune(
         for name, value in ctx.params.items()
         if name in SETTING_NAMES and ctx.get_parameter_source(name).name != "DEFAULT"
     }
-    warnings.filterwarnings("ignore", category=UnreadableAudioWarning)  # one skipped: line each, at the end
-    settings = resolve_settings(read_config_file(config) if config else {}, flags)
-    run = setup_finetuning(settings, resume=resume, overwrite=overwrite, progress=not quiet)
-    try:
-        summary = run.train()
-        rank = distributed.get_rank()
-    except (SslamError, ValueError, OSError) as e:  # every rank leaves the group before the error line
-        distributed.cleanup(sync=False)
-        if isinstance(e, SslamError):
-            raise
-        fail(str(e))
+    layers = (read_config_file(config) if config else {}, flags)
+    if dry_run:
+        settings = resolve_settings(*layers, check_sources=False)
+        typer.echo(json.dumps(resolved_values(settings)))
+        raise typer.Exit(EXIT_OK)
+    settings = resolve_settings(*layers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=UnreadableAudioWarning
+        )  # one skipped: line each, at the end
+        if settings.cross_validate:
+            _cross_validate(settings, resume, overwrite, quiet)
+        run = setup_finetuning(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+        try:
+            summary = run.train()
+            rank = distributed.get_rank()
+        except (SslamError, ValueError, OSError) as e:  # every rank leaves the group before the error line
+            distributed.cleanup(sync=False)
+            if isinstance(e, SslamError):
+                raise
+            fail(str(e))
     distributed.cleanup()
     if rank != 0:
         if "interrupted" in summary:
@@ -183,3 +260,38 @@ def finetune(
     }
     finish(summary, report)
     raise typer.Exit(EXIT_SKIPPED if skipped and not distributed.launched() else EXIT_OK)
+
+
+def _cross_validate(settings, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """One run per fold, then the folds' best values, mean and spread (JSON on stdout); exits."""
+    from sslam_core.runs import distributed
+    from sslam_core.training.finetune_run import CROSS_VALIDATION, run_cross_validation
+
+    try:
+        report = run_cross_validation(settings, resume=resume, overwrite=overwrite, progress=not quiet)
+    except (SslamError, ValueError, OSError) as e:
+        distributed.cleanup(sync=False)
+        if isinstance(e, SslamError):
+            raise
+        fail(str(e))
+    distributed.cleanup()
+    if "interrupted" in report:
+        note(f"interrupted at step {report['steps']}; rerun with --resume to continue")
+        raise typer.Exit(report["exit_code"])
+    if distributed.get_rank() != 0:
+        raise typer.Exit(EXIT_OK)
+    for path in sorted(report["skipped"]):
+        warn(report["skipped"][path])
+    if not quiet:
+        values = ", ".join(
+            f"fold {r['fold']} {r['best']:.4f}" if r["best"] is not None else f"fold {r['fold']} -"
+            for r in report["folds"]
+        )
+        spread = f" ± {report['std']:.4f}" if report["std"] is not None else ""
+        mean = f"{report['mean']:.4f}" if report["mean"] is not None else "-"
+        where = f"{settings.output}/{CROSS_VALIDATION}"
+        note(f"{report['metric'] or 'metric'}: {values}; mean {mean}{spread} ({where})")
+    typer.echo(
+        json.dumps({k: v for k, v in report.items() if k != "skipped"} | {"skipped": len(report["skipped"])})
+    )
+    raise typer.Exit(EXIT_SKIPPED if report["skipped"] else EXIT_OK)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag
+from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag, weights
 from sslam_cli.options import print_error
 from sslam_core.errors import SslamError
 
@@ -118,6 +118,7 @@ COMMANDS = [
     ("finetune", finetune.finetune, "Fine-tune or linear-probe a classifier on a labelled set."),
     ("eval", evaluate.evaluate, "Evaluate a classifier: mAP, d', accuracy; events with --strong."),
     ("stats", stats.stats, "The fbank mean and std of a data set (for --norm MEAN,STD)."),
+    ("weights", weights.weights, "Per-clip sampling weights of a labelled set (for finetune --weights)."),
     ("plot", plot.plot, "Plot the training curves of a run folder."),
     ("pack", pack.pack, "Pack audio into HDF5 shards for pre-training."),
 ]

@@ -277,9 +277,11 @@ class AudioBatches:
         num_workers: int = 0,
         shuffle: bool = True,
         transform: Callable[[dict], dict] | None = None,
+        wave_transform: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
     ):
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.norm, self.num_workers, self.shuffle, self.transform = norm, num_workers, shuffle, transform
+        self.wave_transform = wave_transform  # e.g. the waveform roll; its generator is seeded per batch
         self.skipped: dict[str, str] = {}
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
@@ -311,14 +313,18 @@ class AudioBatches:
             # otherwise depend on where the epoch's loader was started: at the epoch start or a resume.
             generator=torch.Generator().manual_seed(epoch_seed + rank),
         )
-        for raw in loader:
+        for position, raw in enumerate(loader, start=start_position):
             for path, reason in raw["skipped"]:
                 if path not in self.skipped:
                     self.skipped[path] = reason
                     warnings.warn(
                         f"{path}: {reason}; using another clip", UnreadableAudioWarning, stacklevel=2
                     )
-            waves = [w.to(self.device, non_blocking=True) for w in raw["waves"]]
+            waves = raw["waves"]
+            if self.wave_transform is not None:  # seeded by the batch's place: a resumed run draws the same
+                seed = (epoch_seed * 1_000_003 + rank * 10_007 + position) % (2**63)
+                waves = self.wave_transform(list(waves), torch.Generator().manual_seed(seed))
+            waves = [w.to(self.device, non_blocking=True) for w in waves]
             batch = {
                 "source": prepare_input(waves, target_length=self.dataset.target_length, norm=self.norm),
                 "index": raw["index"].to(self.device),

@@ -30,20 +30,31 @@ from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.transformer import ModelConfig, preset
 from sslam_core.runs import distributed
+from sslam_core.runs.outputs import atomic_write
 from sslam_core.training.finetuning import (
+    FULL_LR,
+    LINEAR_LR,
     ClassifierTask,
     FinetuneConfig,
     FinetuneError,
     FinetuneTask,
     apply_split,
+    default_epochs,
     default_steps,
     finetune,
     read_split,
     recipe,
     split_record,
 )
-from sslam_core.training.linear_probe import LinearProbeTask
-from sslam_core.training.trainer import TrainConfig, check_run_folder, fit_batch_size, note
+from sslam_core.training.linear_probe import AugmentedLinearProbeTask, LinearProbeTask
+from sslam_core.training.trainer import (
+    RunFolderError,
+    TrainConfig,
+    check_run_folder,
+    fit_batch_size,
+    note,
+    run_files,
+)
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -58,6 +69,7 @@ class FinetuneSettings:
     mixup, weighted sampling and multi-label (from the labels).
     """
 
+    recipe: str | None = None  # an official protocol (`recipes.RECIPES`) beneath the other settings
     data: str | None = None  # training set (required)
     checkpoint: str | None = None  # or `model`: a random init of that preset
     output: str | None = None  # the run folder (required)
@@ -65,6 +77,7 @@ class FinetuneSettings:
     valid_fraction: float | None = None
     model: str | None = None
     linear: bool = False
+    probe: str = "cached"  # linear: "cached" features, or "augmented" (the official linear evaluation)
     pool: str | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -75,21 +88,31 @@ class FinetuneSettings:
     warmup: int | None = None
     layer_decay: float = 0.65
     drop_path: float = 0.1
+    weight_decay: float = 0.05
+    min_lr: float = 1e-6
     mixup: bool | None = None
+    mixup_alpha: float = 0.8
+    mixup_prob: float = 0.9
     specaugment: bool = True
+    specaugment_ratio: float = 0.2
+    noise: bool = False
     roll: bool = True
     label_smoothing: float = 0.1
+    loss: str | None = None  # "bce" or "ce"; None: BCE for multi-label, cross-entropy for multi-class
     weighted_sampling: bool | None = None
+    weights: str | None = None  # a weight file (`sslam weights`, or the official one weight per line)
+    clips_per_epoch: int | None = None  # weighted sampling: distinct clips drawn per epoch
     multilabel: bool | None = None
     norm: str | list[float] | None = None  # a preset name, "MEAN,STD" or [MEAN, STD]
     audio_dir: str | None = None
     classes: str | None = None  # a class list file (index,mid,display_name CSV or one name per line)
     folds: str | list[int] | None = None  # "1,2,3,4" or [1, 2, 3, 4]
     valid_folds: str | list[int] | None = None
+    cross_validate: bool = False  # one run per fold (ESC-50), each validated on its fold; mean and spread
     precision: str = "bf16"
     device: str = "auto"
     workers: int = 2
-    save_every: int | None = None
+    save_every: int | str | None = None  # updates, or "epoch"
 
 
 SETTING_NAMES = tuple(f.name for f in fields(FinetuneSettings))
@@ -142,10 +165,18 @@ def merge_settings(*layers: dict) -> dict:
     return merged
 
 
-def resolve_settings(*layers: dict) -> FinetuneSettings:
+def resolve_settings(*layers: dict, check_sources: bool = True) -> FinetuneSettings:
     """Merge setting dicts (see `merge_settings`, e.g. a config file, then the flags given) into
-    settings, refusing options that exclude each other."""
-    s = FinetuneSettings(**merge_settings(*layers))
+    settings, beneath the recipe a layer names (`recipes.with_recipe`), refusing options that exclude
+    each other and values out of range. `check_sources=False` leaves out the check for a checkpoint or
+    a model (a dry run shows the settings without them)."""
+    from sslam_core.training.recipes import with_recipe
+
+    named = merge_settings(*layers).get("recipe")
+    s = FinetuneSettings(**merge_settings(*with_recipe(named, *layers)))
+    _check_values(s)
+    if not check_sources:
+        return s
     if s.steps is not None and s.epochs is not None:
         raise FinetuneError("give --steps or --epochs, not both")
     if (s.checkpoint is None) == (s.model is None):
@@ -153,6 +184,38 @@ def resolve_settings(*layers: dict) -> FinetuneSettings:
     if s.valid is not None and s.valid_fraction:
         raise FinetuneError("give --valid or --valid-fraction, not both")
     return s
+
+
+def resolved_values(s: FinetuneSettings) -> dict:
+    """The settings as one JSON-ready dict (what `--dry-run` prints and config.json records), with the
+    defaults that do not depend on the data filled in: the learning rate, and the warm-up (10 % of a
+    given step count). Values the data decide stay null (the step count from epochs, multi-label, mixup
+    and weighted sampling by default)."""
+    values = asdict(s)
+    if values["lr"] is None:
+        values["lr"] = LINEAR_LR if s.linear else FULL_LR
+    if values["warmup"] is None and s.steps:
+        values["warmup"] = s.steps // 10
+    return values
+
+
+def _check_values(s: FinetuneSettings) -> None:
+    """One error line for a setting outside what it can be."""
+    if s.probe not in ("cached", "augmented"):
+        raise FinetuneError(f"probe {s.probe!r}: choose cached or augmented")
+    if s.loss not in (None, "bce", "ce"):
+        raise FinetuneError(f"loss {s.loss!r}: choose bce or ce")
+    if isinstance(s.save_every, str) and s.save_every != "epoch":
+        raise FinetuneError(f"save_every {s.save_every!r}: a number of updates, or epoch")
+    if not 0.0 <= s.specaugment_ratio < 1.0:
+        raise FinetuneError(f"--specaugment-ratio {s.specaugment_ratio:g}: must be in [0, 1)")
+    if not 0.0 <= s.mixup_prob <= 1.0 or s.mixup_alpha <= 0:
+        raise FinetuneError("--mixup-prob must be in [0, 1] and --mixup-alpha above 0")
+    if s.clips_per_epoch is not None and s.clips_per_epoch < 1:
+        raise FinetuneError(f"--clips-per-epoch {s.clips_per_epoch}: must be at least 1")
+    if s.cross_validate and (s.valid is not None or s.valid_fraction or s.valid_folds):
+        raise FinetuneError("--cross-validate validates on each fold in turn; leave out --valid, "
+                            "--valid-fraction and --valid-folds")  # fmt: skip
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -244,19 +307,40 @@ def setup_finetuning(
             target_length=s.target_length,
             batch_size=batch_size,
             linear=s.linear,
+            probe=s.probe,
             pool=s.pool,
             drop_path=s.drop_path,
             mixup=s.mixup,
+            mixup_alpha=s.mixup_alpha,
+            mixup_prob=s.mixup_prob,
             specaugment=s.specaugment,
+            specaugment_ratio=s.specaugment_ratio,
+            noise=s.noise,
             roll=s.roll,
             label_smoothing=s.label_smoothing,
+            loss=s.loss,
             weighted_sampling=s.weighted_sampling,
+            weights=s.weights,
+            clips_per_epoch=s.clips_per_epoch,
             norm=_parse_norm(s.norm, ckpt.normalization if ckpt else None),
             workers=s.workers,
             precision=precision,
         )
-        total = s.steps or default_steps(s.linear, len(train_set), batch_size, world, s.epochs)
         task = classifier_task(train_set, valid_set, ckpt, config, seed=s.seed, model_config=model_config)
+        per_epoch = task.batches_per_epoch(world)
+        if per_epoch == 0:
+            clips = len(train_set)
+            raise FinetuneError(f"{clips} clips too few for batches of {batch_size} on {world} rank(s)")
+        if s.steps:
+            total = s.steps
+        else:
+            total = max(1, round((s.epochs or default_epochs(s.linear)) * per_epoch))
+            if s.linear and s.epochs is None and s.probe == "cached":
+                total = max(total, default_steps(True, len(train_set), batch_size, world))
+        drawn = task.draws_per_epoch() if task.weighted else None
+        if drawn is not None and s.clips_per_epoch and drawn < s.clips_per_epoch and main:
+            note(f"note: --clips-per-epoch {s.clips_per_epoch} is more than the {drawn} weighted clips; "
+                 f"each epoch draws all {drawn}")  # fmt: skip
         train_config = recipe(
             s.linear,
             total,
@@ -264,8 +348,10 @@ def setup_finetuning(
             s.output,
             lr=s.lr,
             warmup=s.warmup,
+            weight_decay=s.weight_decay,
+            min_lr=s.min_lr,
             layer_decay=None if s.linear else s.layer_decay,
-            save_every=s.save_every,
+            save_every=per_epoch if s.save_every == "epoch" else s.save_every,
             seed=s.seed,
             precision=precision,
             device=str(device) if s.device != "auto" else "auto",
@@ -277,8 +363,12 @@ def setup_finetuning(
         raise FinetuneError(str(e)) from None
     if main and progress:
         kind = "multi-label" if task.multilabel else "multi-class"
+        what = "fine-tuning"
+        if s.linear:
+            what = f"linear probe ({'augmented batches' if s.probe == 'augmented' else 'cached features'})"
+        what += f", recipe {s.recipe}" if s.recipe else ""
         note(
-            f"{'linear probe' if s.linear else 'fine-tuning'}: {len(train_set)} clips, {len(task.classes)} "
+            f"{what}: {len(train_set)} clips, {len(task.classes)} "
             f"classes ({kind}), {len(valid_set) if valid_set else 0} validation clips, {total} steps; "
             f"init: {task.init}"
         )
@@ -297,6 +387,76 @@ def run_finetuning(
     return setup_finetuning(settings, resume, overwrite, progress).train(stop_at)
 
 
+CROSS_VALIDATION = "cross_validation.json"
+
+
+def run_cross_validation(
+    settings: FinetuneSettings,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict:
+    """`settings` once per fold of the data (ESC-50's five): fold k validates the run trained on the
+    others, in OUTPUT/foldK. Returns, and writes as OUTPUT/cross_validation.json, each fold's best
+    validation value (by the task's metric, accuracy or mAP) with its step, their mean, sample standard
+    deviation, minimum and maximum, and the unreadable clips (`skipped`). An interrupted fold returns its
+    summary (with `interrupted`); `resume` continues from it, leaving finished folds as they are."""
+    s = settings
+    if s.data is None or s.output is None:
+        raise FinetuneError("cross-validation needs the training data (--data) and a run folder (-o)")
+    class_list = read_label_csv(s.classes) if s.classes else None
+    full = read_labelled(s.data, s.audio_dir, classes=class_list, multilabel=s.multilabel)
+    folds = sorted({e.fold for e in full.examples if e.fold is not None})
+    if len(folds) < 2 or any(e.fold is None for e in full.examples):
+        raise FinetuneError(
+            f"{s.data}: cross-validation needs a set whose clips all have a fold, in two folds or more "
+            "(as ESC-50's meta/esc50.csv); use --valid, --valid-fraction or --no-cross-validate"
+        )
+    out = Path(s.output)
+    if (out / CROSS_VALIDATION).exists() and not (resume or overwrite):
+        raise RunFolderError(
+            f"{out / CROSS_VALIDATION} exists; pass --resume to continue the folds or --overwrite to "
+            "replace them"
+        )
+    runs = {k: out / f"fold{k}" for k in folds}
+    for run in runs.values():  # every refusal before the first fold trains
+        check_run_folder(run, resume and bool(run_files(run)), overwrite)
+    results, skipped = [], {}
+    for k in folds:
+        fold = replace(
+            s, output=str(runs[k]), folds=[f for f in folds if f != k], valid_folds=[k], cross_validate=False
+        )
+        if progress and _rank_zero():
+            note(f"fold {k} of {len(folds)}: validating on fold {k}, training on the others")
+        summary = run_finetuning(fold, resume and bool(run_files(runs[k])), overwrite, progress, stop_at)
+        skipped.update(summary.get("skipped", {}))
+        if "interrupted" in summary:
+            return {**summary, "skipped": skipped}
+        best = summary.get("best") or {}
+        results.append(
+            {"fold": k, "run": str(runs[k]), "metric": best.get("metric"), "best": best.get("value"),
+             "best_step": best.get("step"), "steps": summary.get("steps")}
+        )  # fmt: skip
+    values = [r["best"] for r in results if r["best"] is not None]
+    mean = sum(values) / len(values) if values else None
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    report = {
+        "recipe": s.recipe,
+        "metric": next((r["metric"] for r in results if r["metric"]), None),
+        "folds": results,
+        "mean": mean,
+        "std": spread,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+        "skipped": skipped,
+    }
+    if _rank_zero():
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_write(out / CROSS_VALIDATION, lambda tmp: Path(tmp).write_text(text))
+    return report
+
+
 def classifier_task(
     train_set: LabelledSet,
     valid_set: LabelledSet | None,
@@ -305,8 +465,12 @@ def classifier_task(
     seed: int = 0,
     model_config: ModelConfig | None = None,
 ) -> ClassifierTask:
-    """The task `config` asks for: a LinearProbeTask when config.linear, else a FinetuneTask."""
-    task = LinearProbeTask if config.linear else FinetuneTask
+    """The task `config` asks for: a FinetuneTask, or for config.linear a LinearProbeTask (cached
+    features) or an AugmentedLinearProbeTask (the official linear evaluation)."""
+    if config.linear:
+        task = AugmentedLinearProbeTask if config.probe == "augmented" else LinearProbeTask
+    else:
+        task = FinetuneTask
     return task(train_set, valid_set, checkpoint, config, seed=seed, model_config=model_config)
 
 
@@ -417,6 +581,9 @@ __all__ = [
     "read_config_file",
     "read_sets",
     "resolve_settings",
+    "resolved_values",
     "run_finetuning",
+    "run_cross_validation",
+    "CROSS_VALIDATION",
     "setup_finetuning",
 ]

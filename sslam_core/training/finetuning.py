@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sslam_core.audio.constants import NORMALIZATION
-from sslam_core.data.augment import AugmentConfig, WeightedEpochs, augment, sample_weights
+from sslam_core.data.augment import (
+    AugmentConfig,
+    WeightedEpochs,
+    augment,
+    read_weights,
+    roll_waves,
+    sample_weights,
+)
 from sslam_core.data.datasets import Example, LabelledSet
 from sslam_core.data.training_clips import AudioBatches, UnreadableAudioWarning, WaveformDataset
 from sslam_core.errors import SslamError
@@ -55,16 +62,23 @@ class FinetuneConfig:
 
     target_length: int = 1024  # frames per training crop and per evaluation window
     batch_size: int = 48
-    linear: bool = False  # frozen encoder, train fc_norm + head on cached pooled features
+    linear: bool = False  # frozen encoder, train fc_norm + head
+    probe: str = "cached"  # linear: "cached" pooled features, or "augmented" (the official linear evaluation)
     pool: str | None = None  # "cls" or "mean" (of the patch tokens); None: the checkpoint's, else "cls"
     drop_path: float = 0.1
     mixup: bool | None = None  # None: on for multi-label, off for multi-class (ESC-50 recipe)
     mixup_alpha: float = 0.8
     mixup_prob: float = 0.9
     specaugment: bool = True
-    roll: bool = True
-    label_smoothing: float = 0.1  # multi-class only
+    specaugment_ratio: float = 0.2  # largest masks: this fraction of the mel bins and of the frames
+    noise: bool = False  # the Speech Commands recipe's fbank noise
+    roll: bool = True  # waveform roll and gain
+    label_smoothing: float = 0.1  # multi-class cross-entropy only
+    loss: str | None = None  # "bce" or "ce"; None: BCE for multi-label, cross-entropy for multi-class
     weighted_sampling: bool | None = None  # None: on for multi-label
+    weights: str | None = None  # a weight file for weighted sampling (default: the AudioSet formula)
+    clips_per_epoch: int | None = None  # weighted sampling: distinct clips drawn per epoch (None: with
+    # replacement, as many draws as clips)
     norm: str | tuple[float, float] | None = None  # None: the checkpoint's, else AudioSet's
     workers: int = 2
     eval_batch_size: int = 16
@@ -146,6 +160,19 @@ def scores_report(scores: np.ndarray, targets: np.ndarray, multilabel: bool) -> 
     return {"accuracy": r["accuracy"], "top5": r["top5"], "n_clips": r["n_clips"]}
 
 
+def augment_config(config: FinetuneConfig, multilabel: bool) -> AugmentConfig:
+    """The fbank-batch augmentation of `config` (mixup by default for multi-label data only)."""
+    return AugmentConfig(
+        mixup=multilabel if config.mixup is None else config.mixup,
+        mixup_alpha=config.mixup_alpha,
+        mixup_prob=config.mixup_prob,
+        specaugment=config.specaugment,
+        specaugment_ratio=config.specaugment_ratio,
+        noise=config.noise,
+        roll=config.roll,
+    )
+
+
 class ClassifierTask(TrainingTask):
     """What full fine-tuning and the linear probe share: the checks on the data, the Classifier and how it
     was initialised, the normalisation, the loss, validation (mAP or accuracy) and the export.
@@ -195,6 +222,7 @@ class ClassifierTask(TrainingTask):
         self.best_metric = "mAP" if self.multilabel else "accuracy"
         self.weighted = self.multilabel if config.weighted_sampling is None else config.weighted_sampling
         self.augment: AugmentConfig | None = None  # what full fine-tuning applies to its batches
+        self._weights: np.ndarray | None = None
 
     def build_model(
         self, checkpoint: Checkpoint | None, seed: int, model_config: ModelConfig | None
@@ -209,7 +237,25 @@ class ClassifierTask(TrainingTask):
         return next(self.model.parameters()).device
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
-        return len(self.train_set) // world_size // self.config.batch_size
+        clips = self.draws_per_epoch() if self.weighted else len(self.train_set)
+        return clips // world_size // self.config.batch_size
+
+    def sampling_weights(self) -> np.ndarray:
+        """Each training clip's weight for weighted sampling: from the weight file, or the AudioSet
+        formula on the training labels (`augment.sample_weights`)."""
+        if self._weights is None:
+            if self.config.weights:
+                self._weights = read_weights(self.config.weights, [e.path for e in self.train_set.examples])
+            else:
+                self._weights = sample_weights(self.train_set.targets())
+        return self._weights
+
+    def draws_per_epoch(self) -> int:
+        """Clips drawn per epoch under weighted sampling: `clips_per_epoch` distinct clips (at most those
+        with a weight above 0), else as many draws (with replacement) as there are clips."""
+        if self.config.clips_per_epoch is None:
+            return len(self.train_set)
+        return min(self.config.clips_per_epoch, int((self.sampling_weights() > 0).sum()))
 
     @abstractmethod
     def logits_and_targets(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -222,8 +268,9 @@ class ClassifierTask(TrainingTask):
     def loss(self, batch: dict, generator: torch.Generator) -> dict:
         """BCE with logits (multi-label) or label-smoothed cross-entropy (multi-class)."""
         logits, target = self.logits_and_targets(batch, generator)
-        smoothing = 0.0 if self.multilabel else self.config.label_smoothing
-        return {"loss": classification_loss(logits, target, self.multilabel, smoothing)}
+        bce = self.multilabel or self.config.loss == "bce"  # Speech Commands: BCE on one-hot targets
+        smoothing = 0.0 if bce else self.config.label_smoothing
+        return {"loss": classification_loss(logits, target, bce, smoothing)}
 
     def skip(self, path: str, error: str) -> None:
         """Note an unreadable clip (once): it is left out, and reported as one `skipped:` line."""
@@ -287,10 +334,7 @@ class FinetuneTask(ClassifierTask):
         model_config: ModelConfig | None = None,
     ):
         super().__init__(train_set, valid_set, checkpoint, config, seed, model_config)
-        mix = self.multilabel if config.mixup is None else config.mixup
-        self.augment = AugmentConfig(
-            mix, config.mixup_alpha, config.mixup_prob, config.specaugment, roll=config.roll
-        )
+        self.augment = augment_config(config, self.multilabel)
         self._batches: AudioBatches | None = None
 
     def _audio_batches(self) -> AudioBatches:
@@ -298,7 +342,10 @@ class FinetuneTask(ClassifierTask):
             paths = [e.path for e in self.train_set.examples]
             dataset = WaveformDataset(paths, self.config.target_length, True, _target_rows(self.train_set))
             if self.weighted:
-                dataset = WeightedEpochs(dataset, sample_weights(self.train_set.targets()))
+                weights = self.sampling_weights()
+                dataset = WeightedEpochs(
+                    dataset, weights, self.draws_per_epoch(), replace=self.config.clips_per_epoch is None
+                )
             self._batches = AudioBatches(
                 dataset,
                 self.config.batch_size,
@@ -306,6 +353,7 @@ class FinetuneTask(ClassifierTask):
                 self.norm,
                 self.config.workers,
                 shuffle=not self.weighted,
+                wave_transform=roll_waves if self.config.roll else None,
             )
         return self._batches
 
@@ -374,6 +422,11 @@ def recipe(
     )
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**settings)
+
+
+def default_epochs(linear: bool) -> float:
+    """Passes when neither steps nor epochs are given: 30, or 50 for a linear probe."""
+    return LINEAR_EPOCHS if linear else FULL_EPOCHS
 
 
 def default_steps(
@@ -487,6 +540,7 @@ __all__ = [
     "FinetuneTask",
     "build_classifier",
     "classification_loss",
+    "augment_config",
     "finetune",
     "apply_split",
     "clip_id",
@@ -496,5 +550,6 @@ __all__ = [
     "resolve_norm",
     "scores_report",
     "steps_for_epochs",
+    "default_epochs",
     "default_steps",
 ]

@@ -1,6 +1,9 @@
 """Linear probes: a classifier head trained on a frozen encoder's pooled features, through the shared trainer.
 
-`LinearProbeTask` freezes the encoder and computes its pooled features (CLS token, or the mean patch token)
+Two protocols, named for what they do. `AugmentedLinearProbeTask` is the official linear evaluation
+(SSLAM's SPASS runs): the frozen encoder runs on every augmented training batch (roll, mixup, SpecAugment,
+its drop-path active as in training) and only fc_norm + head learn. `LinearProbeTask`, the fast probe,
+freezes the encoder and computes its pooled features (CLS token, or the mean patch token)
 of the training and validation sets once, so each epoch only trains fc_norm + head on cached features.
 As in MAE's linear probes, the head sees fc_norm's output standardised with the training set's
 statistics; the standardisation is folded into the head at export, so the result is still fc_norm +
@@ -18,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslam_core.data.augment import sample_weights
+from sslam_core.data.augment import augment
 from sslam_core.data.datasets import LabelledSet
 from sslam_core.data.training_clips import shard_indices
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.transformer import Classifier, ModelConfig
-from sslam_core.training.finetuning import ClassifierTask, FinetuneConfig, FinetuneError, build_classifier
+from sslam_core.training.finetuning import (
+    ClassifierTask,
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneTask,
+    build_classifier,
+)
 
 
 def feature_statistics(features: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -64,6 +73,7 @@ class LinearProbeTask(ClassifierTask):
     ):
         super().__init__(train_set, valid_set, checkpoint, config, seed, model_config)
         self._features: dict[str, tuple[Tensor, Tensor]] = {}
+        self._kept: dict[str, np.ndarray] = {}  # the readable clips' indices in each set
         self._standardize: tuple[Tensor, Tensor] | None = None
 
     def build_model(
@@ -108,6 +118,7 @@ class LinearProbeTask(ClassifierTask):
                 raise FinetuneError(f"no readable audio in the {which} set")
             targets = torch.from_numpy(data.targets()[keep])
             self._features[which] = (torch.stack(feats).to(self.device), targets.to(self.device))
+            self._kept[which] = np.array(keep, dtype=np.int64)
             if which == "train":
                 self._standardize = feature_statistics(self._features["train"][0], self.model.fc_norm.eps)
         return self._features[which]
@@ -129,7 +140,12 @@ class LinearProbeTask(ClassifierTask):
         if self.weighted:
             from sslam_core.data.augment import weighted_draw
 
-            drawn = weighted_draw(sample_weights(targets.cpu().numpy()), len(feats), epoch_seed)
+            weights = self.sampling_weights()[self._kept["train"]]  # of the readable clips
+            if self.config.clips_per_epoch is None:
+                drawn = weighted_draw(weights, len(feats), epoch_seed)
+            else:
+                n = min(self.config.clips_per_epoch, int((weights > 0).sum()))
+                drawn = weighted_draw(weights, n, epoch_seed, replace=False)
             per_rank = len(drawn) // world_size
             order = drawn[rank * per_rank : (rank + 1) * per_rank].tolist()
         else:
@@ -164,4 +180,32 @@ class LinearProbeTask(ClassifierTask):
         return state
 
 
-__all__ = ["LinearProbeTask", "feature_statistics", "fold_standardization"]
+class AugmentedLinearProbeTask(FinetuneTask):
+    """The official linear evaluation: fc_norm + head trained on the frozen encoder's output for every
+    augmented batch, as full fine-tuning's batches (waveform roll, noise, mixup, SpecAugment) and with the
+    encoder in training mode (drop-path on) but without gradients. Costs an encoder forward per step, where
+    `LinearProbeTask` computes the features once; state.pt holds the head (`constant_state`)."""
+
+    kind, linear = "linear-augmented", True
+    constant_state = ("encoder.",)
+
+    def build_model(
+        self, checkpoint: Checkpoint | None, seed: int, model_config: ModelConfig | None
+    ) -> tuple[Classifier, str]:
+        """The Classifier with the configured drop-path, its encoder frozen."""
+        model, init = build_classifier(
+            checkpoint, self.classes, self.config.drop_path, seed, model_config, self.config.pool
+        )
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        return model, init
+
+    def logits_and_targets(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The augmented batch through the frozen encoder (no gradients), then fc_norm + head."""
+        source, target = augment(batch["source"], batch["label"].float(), generator, self.augment)
+        with torch.no_grad():
+            features = self.model.encoder(source)
+        return self.model.classify(features), target
+
+
+__all__ = ["LinearProbeTask", "AugmentedLinearProbeTask", "feature_statistics", "fold_standardization"]

@@ -124,7 +124,8 @@ def test_time_roll_is_a_circular_shift_per_clip():
 def test_weighted_sampling_balances_rare_labels():
     targets = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.float32)
     weights = sample_weights(targets)
-    np.testing.assert_allclose(weights, [1 / 4, 1 / 4, 1 / 4, 1 / 2, 1 / 4 + 1 / 2, 0.0])
+    a, b = 1000 / (4 + 0.01), 1000 / (2 + 0.01)  # the AudioSet weight files' formula: 1000 / (count + 0.01)
+    np.testing.assert_allclose(weights, [a, a, a, b, a + b, 0.0])
     drawn = weighted_draw(weights, 40000, seed=7)
     freq = np.bincount(drawn, minlength=6) / len(drawn)
     np.testing.assert_allclose(freq, weights / weights.sum(), atol=0.01)
