@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from benchmarks import cpu_backends, encoder, extract, finetune, frontend, pretrain, scale
+from benchmarks import cpu_backends, encoder, extract, finetune, frontend, pretrain, scale, search
 
 TARGETS: dict[str, ModuleType] = {
     "frontend": frontend,
@@ -21,6 +21,7 @@ TARGETS: dict[str, ModuleType] = {
     "finetune": finetune,
     "scale": scale,
     "cpu-backends": cpu_backends,
+    "search": search,
 }
 
 

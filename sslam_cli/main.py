@@ -12,7 +12,20 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from sslam_cli import convert, evaluate, export, extract, finetune, pack, plot, pretrain, stats, tag, weights
+from sslam_cli import (
+    convert,
+    evaluate,
+    export,
+    extract,
+    finetune,
+    pack,
+    plot,
+    pretrain,
+    search,
+    stats,
+    tag,
+    weights,
+)
 from sslam_cli.options import print_error
 from sslam_core.errors import SslamError
 
@@ -117,6 +130,7 @@ COMMANDS = [
     ("pretrain", pretrain.pretrain, "Pre-train an EAT (stage 1) or SSLAM (stage 2) encoder."),
     ("finetune", finetune.finetune, "Fine-tune or linear-probe a classifier on a labelled set."),
     ("eval", evaluate.evaluate, "Evaluate a classifier: mAP, d', accuracy; events with --strong."),
+    ("search", search.search, "The nearest clips or segments of an embedding store (query by example)."),
     ("stats", stats.stats, "The fbank mean and std of a data set (for --norm MEAN,STD)."),
     ("weights", weights.weights, "Per-clip sampling weights of a labelled set (for finetune --weights)."),
     ("plot", plot.plot, "Plot the training curves of a run folder."),

@@ -14,7 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a package may import from itself and from the packages before it.
-LAYERS = ["errors", "audio", "runs", "data", "models", "inference", "evaluation", "training", "hear"]
+LAYERS = [
+    "errors", "audio", "runs", "data", "models", "inference", "search", "evaluation", "training", "hear",
+]  # fmt: skip
 
 
 def module_name(path: Path) -> str:
