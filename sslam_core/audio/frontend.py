@@ -34,8 +34,9 @@ def _hz_to_mel(hz: torch.Tensor | float) -> torch.Tensor | float:
     return 1127.0 * math.log(1.0 + hz / 700.0)
 
 
-def _kaldi_mel_matrix() -> torch.Tensor:
-    """(N_FFT//2 + 1, N_MELS) Kaldi triangular mel filters, built in float32; the Nyquist row is zero."""
+def mel_filter_bank() -> torch.Tensor:
+    """(N_FFT//2 + 1, N_MELS) Kaldi triangular mel filters, built in float32; the Nyquist row is zero, and
+    so is bin 3 (92-123 Hz holds no FFT bin). Public for ports of the front end to other languages."""
     low, high = _hz_to_mel(LOW_HZ), _hz_to_mel(SAMPLE_RATE / 2)
     delta = (high - low) / (N_MELS + 1)
     bins = torch.arange(N_MELS).unsqueeze(1)
@@ -52,7 +53,7 @@ def _kaldi_mel_matrix() -> torch.Tensor:
 @lru_cache(maxsize=16)
 def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mel matrix, symmetric Hann window and log floor, cached per device and dtype."""
-    mel = _kaldi_mel_matrix().to(device=device, dtype=dtype)
+    mel = mel_filter_bank().to(device=device, dtype=dtype)
     window = torch.hann_window(FRAME_SAMPLES, periodic=False, device=device, dtype=dtype)
     eps = torch.tensor(EPS, device=device, dtype=dtype)
     return mel, window, eps
