@@ -38,7 +38,7 @@ from .common import print_machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="synthetic vectors (0: none)")
     parser.add_argument("--exact-clips", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--centres", type=int, default=2000, help="Gaussian clusters of the synthetic store")
@@ -139,8 +139,12 @@ def run(args: argparse.Namespace) -> None:
     machine = print_machine()
     report: dict = {"machine": machine}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        if args.vectors == 0:  # only the real store
+            args.vectors = None
         store = Path(tmp) / "synthetic.h5"
         t = time.perf_counter()
+        if args.vectors is None:
+            return run_real(args, report)
         queries = synthetic_store(store, args.vectors, args.dim, args.centres, args.queries)
         print(
             f"wrote {args.vectors} x {args.dim} synthetic vectors in {time.perf_counter() - t:.0f} s",
@@ -150,6 +154,11 @@ def run(args: argparse.Namespace) -> None:
         print("exact:", json.dumps(report["exact"]), flush=True)
         report["approximate"] = approximate_figures(store, queries)
         print("approximate:", json.dumps(report["approximate"]), flush=True)
+    run_real(args, report)
+
+
+def run_real(args: argparse.Namespace, report: dict) -> None:
+    """The real store's figures (with --store), then the whole report as one JSON line."""
     if args.store:
         report["real_store"] = approximate_figures(args.store, None)
         print("real store:", json.dumps(report["real_store"]), flush=True)
