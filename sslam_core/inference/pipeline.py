@@ -12,7 +12,7 @@ model inputs do not depend on how files were decoded or batched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -22,19 +22,24 @@ from sslam_core.inference.decoding import decode_files
 from sslam_core.inference.options import PipelineOptions
 from sslam_core.inference.windows import FileResult, Source, Window, file_error, num_frames, source_name
 from sslam_core.models.onnx_runtime import batch_dependent
-from sslam_core.models.precision import strict_fp32
+from sslam_core.models.precision import fp32_tail, strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
 
 
-def autocast(device: torch.device, precision: str):
+@contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Autocast context for `precision` (fp32: full fp32, TF32 off on a GPU; int8 models are ONNX
-    Runtime graphs: none)."""
+    Runtime graphs: none). bf16 and fp16 run the encoder's last block in fp32 (`precision.fp32_tail`)."""
     if precision == "fp32":
-        return strict_fp32(device)
+        with strict_fp32(device):
+            yield
+        return
     if precision == "int8":
-        return nullcontext()
+        yield
+        return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    with torch.autocast(device_type=device.type, dtype=dtype), fp32_tail(), strict_fp32(device):
+        yield
 
 
 Head = Callable[[Tensor], dict[str, Tensor]]

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,37 @@ __all__ = [
     "ENV",
     "CpuCapability",
     "auto_precision",
+    "fp32_tail",
+    "fp32_tail_blocks",
     "cpu_capability",
     "parse_flags",
     "resolve_precision",
 ]
+
+
+# Encoder blocks at the end of a forward pass that run in fp32 inside a bf16 / fp16 autocast (inference).
+_FP32_TAIL: ContextVar[int] = ContextVar("sslam_fp32_tail", default=0)
+INFERENCE_FP32_TAIL = (
+    1  # the last block: measured to carry most of bf16's error (docs/guides/cpu-deployment.md)
+)
+
+
+@contextmanager
+def fp32_tail(blocks: int = INFERENCE_FP32_TAIL) -> Iterator[None]:
+    """Run the last `blocks` encoder blocks of each forward pass in fp32 while a reduced-precision
+    autocast is on (`Encoder.contextualize` reads it). The inference pipeline sets it for bf16 and fp16:
+    the output block's rounding moves a probe's decisions far more than the earlier blocks', at one
+    block's share of the time. Training does not set it."""
+    token = _FP32_TAIL.set(blocks)
+    try:
+        yield
+    finally:
+        _FP32_TAIL.reset(token)
+
+
+def fp32_tail_blocks() -> int:
+    """How many blocks at the end of a forward pass run in fp32 under autocast here (see `fp32_tail`)."""
+    return _FP32_TAIL.get()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslam_core.errors import OptionError
+from sslam_core.models.precision import fp32_tail_blocks
 
 FREQ_PATCHES = 8  # 128 mel bins / 16
 POOLING = ("cls", "mean")
@@ -186,15 +187,22 @@ class Encoder(nn.Module):
     def contextualize(
         self, tokens: Tensor, depth: int | None = None, collect: str | None = None
     ) -> tuple[Tensor, list[Tensor]]:
-        """Prepend CLS, normalise and run the first `depth` blocks (all by default).
+        """Prepend CLS, normalise and run the first `depth` blocks (all by default); under a bf16 / fp16
+        autocast the last `precision.fp32_tail_blocks()` of them run in fp32 (inference sets one).
 
         collect: None, "hidden" (output of every block run) or "ffn" (every block's MLP output).
         """
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         x = self.pre_norm(x)
         out: list[Tensor] = []
-        for block in self.blocks[: depth if depth is not None else len(self.blocks)]:
-            x, y = block(x)
+        run = self.blocks[: depth if depth is not None else len(self.blocks)]
+        fp32_from = len(run) - fp32_tail_blocks() if torch.is_autocast_enabled(x.device.type) else len(run)
+        for i, block in enumerate(run):
+            if i >= fp32_from:  # the output blocks in fp32 under a bf16 / fp16 autocast (precision.fp32_tail)
+                with torch.autocast(x.device.type, enabled=False):
+                    x, y = block(x.float())
+            else:
+                x, y = block(x)
             if collect == "hidden":
                 out.append(x)
             elif collect == "ffn":

@@ -139,3 +139,34 @@ def test_strict_fp32_turns_tf32_off_for_a_gpu_block_and_restores_it():
     finally:
         for k, v in zip(knobs, saved, strict=True):
             k.fp32_precision = v
+
+
+def test_bf16_inference_runs_the_last_block_in_fp32_and_training_does_not():
+    """Under the pipeline's bf16 autocast the output block runs in fp32 (it carries most of bf16's
+    error: docs/guides/cpu-deployment.md); a plain autocast (training) keeps every block in bf16."""
+    from sslam_core.inference.pipeline import autocast
+    from sslam_core.models.transformer import Encoder, ModelConfig
+
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig(embed_dim=64, depth=3, num_heads=2, max_length=16)).eval()
+    seen: list[torch.dtype] = []
+    for block in model.blocks:
+        block.mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    x = torch.randn(2, 1, 64, 128)
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        tail = model(x)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32] and tail.dtype == torch.float32
+    seen.clear()
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        model(x, layer=2)  # the output block of a shorter pass is its last one
+    assert seen == [torch.bfloat16, torch.float32]
+    seen.clear()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x)
+    assert seen == [torch.bfloat16] * 3
+    seen.clear()
+    with torch.inference_mode():
+        exact = model(x)
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        again = model(x)
+    assert torch.nn.functional.cosine_similarity(again[:, 0], exact[:, 0], dim=-1).min() > 0.999
