@@ -1,6 +1,7 @@
 """The CPU backends of a seeded ViT-B encoder in one process, and `sslam tag` fp32 vs int8 end to end.
 
-Backends: torch fp32 (the baseline), torch bf16 autocast (only where the CPU has native bf16), torch
+Backends: torch fp32 (the baseline), torch bf16 autocast as `--precision bf16` runs it (the output block
+in fp32) and with every block in bf16 (only where the CPU has native bf16), torch
 dynamic int8 (`quantize_dynamic` on the Linear layers; deprecated in torch, kept for comparison), ONNX
 Runtime fp32 and ONNX Runtime int8 (dynamic, MatMul weights). Prints seconds per clip, the ratio to
 torch fp32, the cosine of the CLS and patch outputs to torch fp32 on real clips, and the CPU capability
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from sslam_core.audio.decode import load_audio
 from sslam_core.audio.frontend import prepare_input
+from sslam_core.inference.pipeline import autocast
 from sslam_core.models.checkpoint import Checkpoint
 from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.onnx_export import export_checkpoint, quantize_int8
@@ -136,11 +138,15 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
     x = clips(args.batch, args.frames)
 
     def torch_run(net: nn.Module, precision: str = "fp32") -> Callable[[], Tensor]:
-        def run() -> Tensor:
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        def run() -> Tensor:  # as the pipeline runs it: bf16 keeps the output block in fp32
+            with torch.inference_mode(), autocast(torch.device("cpu"), precision):
                 return net(x).float()
 
         return run
+
+    def every_block_bf16() -> Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return model(x).float()
 
     ckpt = Checkpoint(cfg, model.state_dict(), source="seeded ViT-B", extra={"target_length": args.frames})
     start = time.perf_counter()
@@ -154,6 +160,7 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
     runs: dict[str, Callable[[], Tensor]] = {"torch fp32": torch_run(model)}
     if bf16:
         runs["torch bf16"] = torch_run(model, "bf16")
+        runs["torch bf16, every block"] = every_block_bf16
     runs["torch int8"] = torch_run(torch_int8(model))
     for name, data in (("onnxruntime fp32", exported.data), ("onnxruntime int8", int8)):
         session = open_session(data, args.threads)
