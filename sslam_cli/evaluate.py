@@ -16,6 +16,7 @@ from sslam_cli.options import (
     EXIT_OK,
     EXIT_SKIPPED,
     BatchSize,
+    Calibration,
     Device,
     EventThreshold,
     FrameScores,
@@ -51,6 +52,7 @@ from sslam_cli.options import (
     pipeline_options,
     rank_in_run,
     render,
+    settle_auto,
     token_scores_or_fail,
     warn,
 )
@@ -133,6 +135,7 @@ def evaluate(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    calibration: Calibration = None,
     strong: Annotated[
         Path,
         typer.Option(
@@ -181,6 +184,7 @@ def evaluate(
              "min_duration": min_duration, "min_gap": min_gap, "frame_scores": frame_scores},
             {"window": window, "hop": hop, "target_length": target_length},
             {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
+             "calibration": calibration,
              "norm": norm, "classes": classes},
         )  # fmt: skip
     strong_only = {
@@ -214,7 +218,8 @@ def evaluate(
             pred.multilabel = multilabel
     else:
         frames = {"window": window, "hop": hop, "target_length": target_length}
-        run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision}
+        run = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
+               "calibration": calibration}  # fmt: skip
         run["classes"] = classes
         pred = _run_model(checkpoint, data, audio_dir, wanted_folds, multilabel, norm, frames, run)
     summary = summarize(pred, by_polyphony=by_polyphony)
@@ -333,10 +338,11 @@ def _predict(
     from sslam_core.runs import distributed
 
     dev = join_ranks(pick_device(run["device"]))
-    run["precision"] = check_precision(run["precision"], dev, int8=True)
+    requested, run["precision"] = run["precision"], check_precision(run["precision"], dev, int8=True)
     ckpt = read_checkpoint(checkpoint, allow_onnx=True)
     model = model_from_checkpoint(ckpt, dev, run["precision"])
     note_export_precision(model, run["precision"])
+    run["precision"] = settle_auto(model, requested, run["precision"], dev, run.pop("calibration", None))
     if not isinstance(model, Classifier):
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
@@ -489,8 +495,9 @@ def _evaluate_strong(
     truth = read_strong_events(str(strong))
     dataset = read_labelled(strong, audio_dir=audio_dir, multilabel=True, kind="strong")
     dev = join_ranks(pick_device(run["device"]))
-    run["precision"] = check_precision(run["precision"], dev, int8=True)
+    requested, run["precision"] = run["precision"], check_precision(run["precision"], dev, int8=True)
     model = load_model_or_fail(checkpoint, dev, precision=run["precision"])
+    run["precision"] = settle_auto(model, requested, run["precision"], dev, run.pop("calibration", None))
     if isinstance(model, Classifier):
         names_from_list(model, run.get("classes"), checkpoint)
     if not isinstance(model, Classifier) or not model.labels:

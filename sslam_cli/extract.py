@@ -12,6 +12,7 @@ from tqdm import tqdm
 from sslam_cli.options import (
     EXIT_OK,
     BatchSize,
+    Calibration,
     Device,
     Hop,
     Norm,
@@ -30,6 +31,7 @@ from sslam_cli.options import (
     parse_norm,
     pick_device,
     report_inputs,
+    settle_auto,
     warn,
 )
 from sslam_core.audio.constants import SAMPLE_RATE, frames_to_seconds
@@ -78,6 +80,7 @@ def extract(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    calibration: Calibration = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Finish an interrupted run without redoing finished files.")
     ] = False,
@@ -135,9 +138,10 @@ def extract(
         parse_norm(norm)
     claim_resumable(output, overwrite, resume)
     dev = join_ranks(pick_device(device))
-    precision = check_precision(precision, dev, int8=True)
+    requested, precision = precision, check_precision(precision, dev, int8=True)
     ckpt = checkpoint or DEFAULT_ENCODER
     model = load_model_or_fail(ckpt, dev, teacher=teacher, precision=precision)
+    precision = settle_auto(model, requested, precision, dev, calibration)
     encoder = getattr(model, "encoder", model)
     encoder.resolve_layer(layer)
     target_length, hop_frames = frames_or_fail(model, None, hop, target_length)

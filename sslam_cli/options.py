@@ -52,11 +52,19 @@ Workers = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
+Calibration = Annotated[
+    str | None,
+    typer.Option(
+        "--calibration",
+        help="Audio folder --precision auto checks the faster precision on [default: built-in clips].",
+    ),
+]
 Precision = Annotated[
     str,
     typer.Option(
         help="fp32, bf16, fp16, int8 (CPU: the ONNX Runtime int8 model, cached) or auto (bf16 on a GPU "
-        "or a CPU with native bf16, else fp32; a note says which)."
+        "or a CPU with native bf16 when this model keeps its results there, checked once; else fp32; a "
+        "note says which)."
     ),
 ]
 
@@ -173,8 +181,9 @@ def check_precision(precision: str, device: torch.device, int8: bool = False) ->
         fail(f"unknown precision {precision!r}; choose {', '.join(choices)}")
     if precision == "auto":
         chosen, why = auto_precision(device)
-        note(f"note: --precision auto runs {chosen}: {why}")
-        return chosen
+        if chosen == "fp32":
+            note(f"note: --precision auto runs {chosen}: {why}")
+        return chosen  # a faster one is checked on the model first (`settle_auto`)
     if precision == "int8" and device.type != "cpu":
         fail("--precision int8 runs on the CPU (ONNX Runtime); use bf16 or fp16 on a GPU")
     cpu = cpu_capability() if device.type == "cpu" else None
@@ -183,6 +192,37 @@ def check_precision(precision: str, device: torch.device, int8: bool = False) ->
     if precision == "fp16" and device.type == "cpu":
         note("note: fp16 on CPU is usually slower than fp32")
     return precision
+
+
+def settle_auto(
+    model, requested: str, chosen: str, device: torch.device, calibration: str | None = None
+) -> str:
+    """For `--precision auto`: keep `chosen` (the faster precision `check_precision` proposed) only when
+    this model keeps its results there on the check clips (`inference.precision_check`, cached per
+    checkpoint), else fp32; one note either way. Other precisions pass through."""
+    from sslam_core.inference.precision_check import AGREEMENT, MIN_COSINE, cached_check
+    from sslam_core.models.precision import auto_precision, cpu_capability
+    from sslam_core.models.transformer import Classifier, Encoder
+
+    if requested != "auto" or chosen == "fp32":
+        return chosen
+    why = auto_precision(device)[1]
+    if not isinstance(model, (Encoder, Classifier)):  # an ONNX export runs as exported
+        note(f"note: --precision auto runs {chosen}: {why}")
+        return chosen
+    capability = cpu_capability().name if device.type == "cpu" else device.type
+    try:
+        verdict, cached = cached_check(model, chosen, device, calibration, capability)
+    except SslamError as err:
+        fail(str(err))
+    when = "checked before" if cached else "checked now"
+    if verdict.passed:
+        note(f"note: --precision auto runs {chosen}: {why}; {when} on this model: {verdict.summary()}")
+        return chosen
+    needs = f"{chosen} needs top-1 agreement {AGREEMENT} and cosine {MIN_COSINE}"
+    moved = f"{chosen} moved this model's results ({when}: {verdict.summary()}; {needs})"
+    note(f"note: --precision auto runs fp32: {moved}")
+    return "fp32"
 
 
 def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from sslam_cli.options import (
     EXIT_OK,
     BatchSize,
+    Calibration,
     Device,
     EventsHop,
     EventThreshold,
@@ -44,6 +45,7 @@ from sslam_cli.options import (
     parse_norm,
     pick_device,
     report_inputs,
+    settle_auto,
     stdout_is_tty,
     token_scores_or_fail,
     warn,
@@ -110,6 +112,7 @@ def tag(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "fp32",
+    calibration: Calibration = None,
     events: Annotated[
         bool,
         typer.Option(
@@ -162,8 +165,9 @@ def tag(
     if plot is not None:
         check_plot_output(plot)
     dev = join_ranks(pick_device(device))
-    precision = check_precision(precision, dev, int8=True)
+    requested, precision = precision, check_precision(precision, dev, int8=True)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
+    precision = settle_auto(model, requested, precision, dev, calibration)
     if not isinstance(model, Classifier):
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = read_label_csv(labels) if labels is not None else model.labels

@@ -27,6 +27,19 @@ TINY_FINETUNED = str(CHECKPOINTS / "tiny_finetuned.pt")  # fairseq layout, 527 A
 TINY_PRETRAIN = str(CHECKPOINTS / "tiny_pretrain.pt")  # fairseq layout, student + EMA teacher + decoder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory) -> Iterator[None]:
+    """Caches the commands keep (int8 models, precision checks) go to a folder of the test session, not
+    the user's ~/.cache: SSLAM_CACHE, inherited by the processes the tests start. A test may set its own."""
+    saved = os.environ.get("SSLAM_CACHE")
+    os.environ["SSLAM_CACHE"] = str(tmp_path_factory.mktemp("sslam-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SSLAM_CACHE", None)
+    else:
+        os.environ["SSLAM_CACHE"] = saved
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CI machine")
     config.addinivalue_line("markers", "distributed: several processes (torchrun) or real signals")

@@ -86,12 +86,19 @@ def test_override_and_cpuinfo_fallback(monkeypatch, tmp_path):
     assert cpu_capability().native_bf16 and cpu_capability().source == "/proc/cpuinfo"
 
 
-@pytest.mark.parametrize(("flags", "expected"), [("avx2", "fp32"), ("avx512f,avx512_bf16", "bf16")])
-def test_tag_auto_end_to_end(flags, expected):
+@pytest.mark.parametrize(
+    ("flags", "expected", "why"),
+    [
+        ("avx2", "fp32", "the CPU has no native bf16"),
+        ("avx512f,avx512_bf16", "fp32", "bf16 moved this model's results"),
+    ],
+)
+def test_tag_auto_end_to_end(flags, expected, why):
+    """The near-chance 527-class tiny tagger: its close scores swap under bf16, so auto keeps fp32."""
     args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "-k", "3", "--device", "cpu")
     auto = sslam(*args, "--precision", "auto", env={precision.ENV: flags})
     notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
-    assert len(notes) == 1 and f"runs {expected}:" in notes[0], auto.stderr
+    assert len(notes) == 1 and f"runs {expected}: {why}" in notes[0], auto.stderr
     same = sslam(*args, "--precision", expected)
     assert json.loads(auto.stdout) == json.loads(same.stdout)
 
@@ -104,6 +111,42 @@ def test_extract_auto_end_to_end(tmp_path):
               env={precision.ENV: "avx2"})  # fmt: skip
     with h5py.File(out["auto"]) as a, h5py.File(out["fp32"]) as b:
         assert np.array_equal(a["clip"][:], b["clip"][:])
+
+
+def test_auto_checks_the_model_once_and_runs_bf16_where_it_keeps_its_results(tmp_path):
+    """An encoder whose vectors keep a cosine of 0.999 under bf16 on the check clips runs bf16; the
+    verdict is cached per checkpoint, and --calibration checks on the user's own clips."""
+    args = ("extract", CLIP, "-c", ENCODER, "--device", "cpu", "--overwrite")
+    flags = {precision.ENV: "avx512f,avx512_bf16"}
+    first = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", env=flags)
+    assert (
+        "runs bf16: the CPU computes bf16 natively" in first.stderr
+        and "checked now on this model" in first.stderr
+    )
+    again = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", env=flags)
+    assert "checked before on this model: 8 windows of the built-in check clips" in again.stderr
+    sslam(*args, "-o", tmp_path / "bf16.h5", "--precision", "bf16")
+    with h5py.File(tmp_path / "auto.h5") as a, h5py.File(tmp_path / "bf16.h5") as b:
+        assert np.array_equal(a["clip"][:], b["clip"][:])
+    clips = ROOT / "tests" / "data" / "fsdd_mini"
+    own = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", "--calibration", clips, env=flags)
+    assert "32 windows of" in own.stderr and "fsdd_mini" in own.stderr
+    bad = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", "--calibration", tmp_path / "none",
+                env=flags, code=2)  # fmt: skip
+    assert "--calibration" in bad.stderr and "not a folder" in bad.stderr
+
+
+def test_the_check_compares_top_classes_and_cosines_on_the_clips():
+    from sslam_core.inference.precision_check import run_check
+    from sslam_core.models.factory import load_model
+
+    tagger = load_model(TAGGER)
+    verdict = run_check(tagger, "fp32")  # fp32 against itself: identical
+    assert verdict.passed and verdict.top1_agreement == 1.0 and verdict.min_cosine == pytest.approx(1.0)
+    bf16 = run_check(tagger, "bf16")
+    assert bf16.windows == 8 and bf16.top1_agreement < 0.98 and not bf16.passed
+    encoder = run_check(load_model(ENCODER), "bf16")
+    assert encoder.top1_agreement is None and encoder.min_cosine >= 0.999 and encoder.passed
 
 
 def test_unknown_precision_is_one_line():
