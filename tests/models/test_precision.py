@@ -213,3 +213,27 @@ def test_bf16_inference_runs_the_last_block_in_fp32_and_training_does_not():
     with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
         again = model(x)
     assert torch.nn.functional.cosine_similarity(again[:, 0], exact[:, 0], dim=-1).min() > 0.999
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_what_the_batch_changes_in_torch_precisions(name):
+    """A file's torch scores in a batch of other files differ from its scores alone in the last bits
+    only (matrix kernels block the work by batch size): within 1e-6 in fp32. With --batch-size 1 every
+    window is its own pass and the bits are those of the file alone, in any company and order (int8
+    always runs so: tests/models/test_onnx.py)."""
+    from sslam_core.inference.tagging import tag
+    from sslam_core.models.factory import load_model
+
+    model = load_model(TAGGER)
+    other = ROOT / "tests" / "data" / "robin.ogg"
+    alone = next(tag(model, [str(CLIP)], target_length=256, batch_size=1, precision=name))
+    for batch in ([other, CLIP], [CLIP, other, CLIP]):
+        paths = [str(p) for p in batch]
+        grouped = list(tag(model, paths, target_length=256, batch_size=8, precision=name))
+        single = list(tag(model, paths, target_length=256, batch_size=1, precision=name))
+        for many, one, path in zip(grouped, single, batch, strict=True):
+            if path == CLIP:
+                np.testing.assert_array_equal(one.scores, alone.scores)
+                np.testing.assert_allclose(
+                    many.scores, alone.scores, rtol=0, atol=1e-6 if name == "fp32" else 1e-2
+                )
