@@ -34,6 +34,7 @@ from sslam_core.runs.outputs import atomic_write
 
 FP32_TOLERANCE = 1e-4
 OPSET = 18
+INT8_SCHEME = 2  # of the cached int8 models: 2 = per-channel weight scales (1: one scale per matrix)
 EXPORT_MODULES = ("onnx", "onnxruntime", "onnxscript")
 
 
@@ -124,14 +125,18 @@ def _to_onnx(graph: _Graph, example: Tensor, outputs: list[str]) -> object:
 
 
 def quantize_int8(proto: object) -> object:
-    """ONNX Runtime dynamic quantisation: int8 MatMul weights, activations quantised per batch."""
+    """ONNX Runtime dynamic quantisation: int8 MatMul weights with one scale per output channel (it kept
+    more of the linear probes' decisions than one scale per matrix: docs/guides/cpu-deployment.md),
+    activations quantised per batch."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _muted(""), tempfile.TemporaryDirectory(prefix="sslam-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, str(src))
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
+        )
         return onnx.load(str(dst))
 
 
@@ -216,7 +221,7 @@ def int8_path(ckpt: Checkpoint) -> Path:
 
 
 def _int8_file(sha256: str, teacher: bool) -> Path:
-    return cache_dir() / "int8" / f"{sha256}{'-teacher' if teacher else ''}-v{OPSET}.onnx"
+    return cache_dir() / "int8" / f"{sha256}{'-teacher' if teacher else ''}-v{OPSET}-q{INT8_SCHEME}.onnx"
 
 
 def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
