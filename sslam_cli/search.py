@@ -142,13 +142,12 @@ def search(
         write_text_atomic(output, text)
     else:
         echo(text)
-    if export:
-        _export(answered, Path(export), pad, overwrite, audio_root)
+    failed_exports = _export(answered, Path(export), pad, overwrite, audio_root) if export else 0
     if not answered:
         fail(f"none of the {len(results)} queries could be answered")
     note(f"searched {len(answered)} quer{'y' if len(answered) == 1 else 'ies'} in {index} ({idx.mode}, "
          f"{idx.store.rows} {idx.granularity} vectors of {idx.store.files} files)")  # fmt: skip
-    raise typer.Exit(EXIT_SKIPPED if len(answered) < len(results) else EXIT_OK)
+    raise typer.Exit(EXIT_SKIPPED if len(answered) < len(results) or failed_exports else EXIT_OK)
 
 
 def _progress(total: int, what: str):
@@ -246,10 +245,11 @@ def _num(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def _export(results, folder: Path, pad: float, overwrite: bool, root: str | None) -> None:
+def _export(results, folder: Path, pad: float, overwrite: bool, root: str | None) -> int:
     """Each match's segment (with `pad` seconds around it) or whole file, as 16 kHz mono wav files named
     qQUERY_RANK_NAME[_START-END].wav; existing files are refused unless `overwrite`. The stored names
-    are read relative to `root` (the folder the store was extracted from) or as they are."""
+    are read relative to `root` (the folder the store was extracted from) or as they are. Returns how
+    many could not be written (one `skipped:` line each)."""
     import soundfile as sf
 
     from sslam_core.audio.constants import SAMPLE_RATE
@@ -283,3 +283,4 @@ def _export(results, folder: Path, pad: float, overwrite: bool, root: str | None
         atomic_write(path, lambda tmp, w=wave: sf.write(tmp, w, SAMPLE_RATE, format="WAV", subtype="PCM_16"))
         written += 1
     note(f"exported {written} segment(s) to {folder}")
+    return len(plan) - written

@@ -305,3 +305,6 @@ def test_checkpoint_checks_query_store_and_export(corpus, tmp_path):
     r = sslam("search", good, "--index", store, "-k", "2", "--group", "--export", export, "--audio-root",
               corpus / "audio", "--device", "cpu", code=2)  # fmt: skip
     assert "pass --overwrite" in r.stderr
+    r = sslam("search", good, "--index", store, "-k", "1", "-g", "clip", "--export", tmp_path / "other",
+              "--device", "cpu", code=1)  # fmt: skip
+    assert "give --audio-root" in r.stderr and "exported 0 segment(s)" in r.stderr
