@@ -342,7 +342,9 @@ def _predict(
     ckpt = read_checkpoint(checkpoint, allow_onnx=True)
     model = model_from_checkpoint(ckpt, dev, run["precision"])
     note_export_precision(model, run["precision"])
-    run["precision"] = settle_auto(model, requested, run["precision"], dev, run.pop("calibration", None))
+    run["precision"], model = settle_auto(
+        model, requested, run["precision"], dev, run.pop("calibration", None), checkpoint, int8_ok=True
+    )
     if not isinstance(model, Classifier):
         fail(f"{checkpoint}: an encoder without a classifier head cannot be evaluated (fine-tune it first)")
     if multilabel is None and isinstance(ckpt.extra.get("multilabel"), bool):
@@ -497,7 +499,10 @@ def _evaluate_strong(
     dev = join_ranks(pick_device(run["device"]))
     requested, run["precision"] = run["precision"], check_precision(run["precision"], dev, int8=True)
     model = load_model_or_fail(checkpoint, dev, precision=run["precision"])
-    run["precision"] = settle_auto(model, requested, run["precision"], dev, run.pop("calibration", None))
+    int8_ok = detection["frame_scores"] != "token"  # the int8 graph gives no token scores
+    run["precision"], model = settle_auto(
+        model, requested, run["precision"], dev, run.pop("calibration", None), checkpoint, int8_ok
+    )
     if isinstance(model, Classifier):
         names_from_list(model, run.get("classes"), checkpoint)
     if not isinstance(model, Classifier) or not model.labels:

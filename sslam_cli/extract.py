@@ -141,7 +141,8 @@ def extract(
     requested, precision = precision, check_precision(precision, dev, int8=True)
     ckpt = checkpoint or DEFAULT_ENCODER
     model = load_model_or_fail(ckpt, dev, teacher=teacher, precision=precision)
-    precision = settle_auto(model, requested, precision, dev, calibration)
+    int8_ok = layer in (None, -1, model.cfg.depth)  # the int8 graph gives the last block only
+    precision, model = settle_auto(model, requested, precision, dev, calibration, ckpt, int8_ok, teacher)
     encoder = getattr(model, "encoder", model)
     encoder.resolve_layer(layer)
     target_length, hop_frames = frames_or_fail(model, None, hop, target_length)

@@ -62,9 +62,9 @@ Calibration = Annotated[
 Precision = Annotated[
     str,
     typer.Option(
-        help="fp32, bf16, fp16, int8 (CPU: the ONNX Runtime int8 model, cached) or auto (bf16 on a GPU "
-        "or a CPU with native bf16 when this model keeps its results there, checked once; else fp32; a "
-        "note says which)."
+        help="fp32, bf16, fp16, int8 (CPU: the ONNX Runtime int8 model, cached) or auto (the fastest of "
+        "int8 on a CPU, bf16 where native, fp32 under which this model keeps its results, checked once; "
+        "a note says which)."
     ),
 ]
 
@@ -179,11 +179,8 @@ def check_precision(precision: str, device: torch.device, int8: bool = False) ->
     choices = ("fp32", "bf16", "fp16", "int8", "auto") if int8 else ("fp32", "bf16", "fp16")
     if precision not in choices:
         fail(f"unknown precision {precision!r}; choose {', '.join(choices)}")
-    if precision == "auto":
-        chosen, why = auto_precision(device)
-        if chosen == "fp32":
-            note(f"note: --precision auto runs {chosen}: {why}")
-        return chosen  # a faster one is checked on the model first (`settle_auto`)
+    if precision == "auto":  # checked on the model once it is loaded; `settle_auto` says what runs
+        return auto_precision(device)[0]
     if precision == "int8" and device.type != "cpu":
         fail("--precision int8 runs on the CPU (ONNX Runtime); use bf16 or fp16 on a GPU")
     cpu = cpu_capability() if device.type == "cpu" else None
@@ -195,22 +192,51 @@ def check_precision(precision: str, device: torch.device, int8: bool = False) ->
 
 
 def settle_auto(
-    model, requested: str, chosen: str, device: torch.device, calibration: str | None = None
-) -> str:
-    """For `--precision auto`: keep `chosen` (the faster precision `check_precision` proposed) only when
-    this model keeps its results there on the check clips (`inference.precision_check`, cached per
-    checkpoint), else fp32; one note either way. Other precisions pass through."""
+    model,
+    requested: str,
+    chosen: str,
+    device: torch.device,
+    calibration: str | None = None,
+    checkpoint: str | None = None,
+    int8_ok: bool = False,
+    teacher: bool = False,
+):
+    """For `--precision auto`: the fastest precision under which this model keeps its results on the
+    check clips (`inference.precision_check`, cached per checkpoint), and the model to run it with.
+    On a CPU, with the `[onnx]` extra, where the command can run it (`int8_ok`), int8 is tried first
+    (its model quantised and cached on first use); then the precision `check_precision` proposed (bf16
+    where computed natively); else fp32. One note says what runs and why. Other precisions pass
+    through. Returns (precision, model)."""
     from sslam_core.inference.precision_check import AGREEMENT, MIN_COSINE, cached_check
     from sslam_core.models.precision import auto_precision, cpu_capability
     from sslam_core.models.transformer import Classifier, Encoder
 
-    if requested != "auto" or chosen == "fp32":
-        return chosen
-    why = auto_precision(device)[1]
-    if not isinstance(model, (Encoder, Classifier)):  # an ONNX export runs as exported
-        note(f"note: --precision auto runs {chosen}: {why}")
-        return chosen
+    if requested != "auto":
+        return chosen, model
+    torch_model = isinstance(model, (Encoder, Classifier)) and not hasattr(model, "session")
     capability = cpu_capability().name if device.type == "cpu" else device.type
+    moved = []
+    if torch_model and int8_ok and checkpoint and device.type == "cpu" and _onnx_available():
+        from sslam_core.models.factory import load_model
+
+        try:
+            int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
+            verdict, cached = cached_check(model, "int8", device, calibration, capability, candidate=int8)
+        except SslamError as err:
+            fail(str(err))
+        when = "checked before" if cached else "checked now"
+        if verdict.passed:
+            kept = f"it keeps this model's results ({when}: {verdict.summary()})"
+            note(f"note: --precision auto runs int8: {kept}")
+            return "int8", int8
+        moved.append(f"int8 moved its results ({when}: {verdict.summary()})")
+    if chosen == "fp32":
+        note(f"note: --precision auto runs fp32: {'; '.join([*moved, auto_precision(device)[1]])}")
+        return chosen, model
+    why = auto_precision(device)[1]
+    if not torch_model:  # an ONNX export runs as exported
+        note(f"note: --precision auto runs {chosen}: {why}")
+        return chosen, model
     try:
         verdict, cached = cached_check(model, chosen, device, calibration, capability)
     except SslamError as err:
@@ -218,11 +244,18 @@ def settle_auto(
     when = "checked before" if cached else "checked now"
     if verdict.passed:
         note(f"note: --precision auto runs {chosen}: {why}; {when} on this model: {verdict.summary()}")
-        return chosen
-    needs = f"{chosen} needs top-1 agreement {AGREEMENT} and cosine {MIN_COSINE}"
-    moved = f"{chosen} moved this model's results ({when}: {verdict.summary()}; {needs})"
-    note(f"note: --precision auto runs fp32: {moved}")
-    return "fp32"
+        return chosen, model
+    moved.append(f"{chosen} moved this model's results ({when}: {verdict.summary()})")
+    needs = f"a faster precision needs top-1 agreement {AGREEMENT} and cosine {MIN_COSINE}"
+    note(f"note: --precision auto runs fp32: {'; '.join(moved)}; {needs}")
+    return "fp32", model
+
+
+def _onnx_available() -> bool:
+    """Whether the `[onnx]` extra is installed (int8 needs ONNX Runtime and the exporter)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
 def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:

@@ -167,7 +167,10 @@ def tag(
     dev = join_ranks(pick_device(device))
     requested, precision = precision, check_precision(precision, dev, int8=True)
     model = load_model_or_fail(checkpoint or DEFAULT_TAGGER, dev, precision=precision)
-    precision = settle_auto(model, requested, precision, dev, calibration)
+    int8_ok = not (events and frame_scores == "token")  # the int8 graph gives no token scores
+    precision, model = settle_auto(
+        model, requested, precision, dev, calibration, checkpoint or DEFAULT_TAGGER, int8_ok
+    )
     if not isinstance(model, Classifier):
         fail(f"{checkpoint or DEFAULT_TAGGER}: an encoder without a classifier head cannot tag")
     names = read_label_csv(labels) if labels is not None else model.labels

@@ -24,7 +24,8 @@ from sslam_core.audio.frontend import prepare_input
 from sslam_core.data.label_formats import AUDIO_EXTENSIONS
 from sslam_core.errors import OptionError
 from sslam_core.inference.pipeline import autocast
-from sslam_core.models.onnx_export import cache_dir
+from sslam_core.models.onnx_export import INT8_SCHEME, cache_dir
+from sslam_core.models.onnx_runtime import OnnxModel
 from sslam_core.models.transformer import Classifier
 
 CHECK_CLIPS = Path(__file__).resolve().parent / "check_clips"
@@ -84,10 +85,13 @@ def _windows(files: list[Path], target_length: int, count: int) -> list[torch.Te
     return [torch.roll(medley, -k * step)[:size].clone() for k in range(count)]
 
 
-def _outputs(
-    model, x: torch.Tensor, precision: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled encoder output, class scores or None) of a batch at `precision`."""
+def _outputs(model, x: torch.Tensor, precision: str, device: torch.device) -> tuple:
+    """(pooled encoder output, class scores or None) of a batch at `precision`. An ONNX (int8) model runs
+    one window per pass, as the pipeline runs it."""
+    if isinstance(model, OnnxModel):
+        rows = [_outputs_onnx(model, x[i : i + 1]) for i in range(x.shape[0])]
+        pooled = torch.cat([r[0] for r in rows])
+        return pooled, (torch.cat([r[1] for r in rows]) if rows[0][1] is not None else None)
     with torch.inference_mode(), autocast(device, precision):
         if isinstance(model, Classifier):
             features = model.features(x)
@@ -96,13 +100,22 @@ def _outputs(
         return features[:, 0].float(), None
 
 
+def _outputs_onnx(model, x: torch.Tensor) -> tuple:
+    features = model.features(x)
+    if isinstance(model, Classifier):
+        return model.pooled(features).float(), model(x).float()
+    return features[:, 0].float(), None
+
+
 def run_check(
     model,
     precision: str,
     device: str | torch.device = "cpu",
     calibration: str | os.PathLike | None = None,
+    candidate=None,
 ) -> PrecisionCheck:
-    """Run `model` (a torch Encoder or Classifier) on the check windows in fp32 and at `precision`."""
+    """Run `model` (a torch Encoder or Classifier) on the check windows in fp32 and at `precision`; or,
+    given `candidate` (its int8 ONNX Runtime model), compare that with `model` in fp32."""
     device = torch.device(device)
     target_length = int(getattr(model, "target_length", None) or 1024)
     norm = getattr(model, "normalization", None) or "audioset"
@@ -113,7 +126,7 @@ def run_check(
         batch = [w.to(device) for w in waves[start : start + 8]]
         x = prepare_input(batch, target_length=target_length, norm=norm)
         ref_pooled, ref_scores = _outputs(model, x, "fp32", device)
-        got_pooled, got_scores = _outputs(model, x, precision, device)
+        got_pooled, got_scores = _outputs(candidate if candidate is not None else model, x, precision, device)
         cos.append(torch.nn.functional.cosine_similarity(got_pooled, ref_pooled, dim=-1))
         if ref_scores is not None:
             same.append(got_scores.argmax(-1) == ref_scores.argmax(-1))
@@ -130,6 +143,7 @@ def cached_check(
     device: str | torch.device = "cpu",
     calibration: str | os.PathLike | None = None,
     capability: str = "",
+    candidate=None,
 ) -> tuple[PrecisionCheck, bool]:
     """`run_check`, cached under the cache folder by the checkpoint's sha256, the precision, the device
     kind and `capability`, and the clips; returns (verdict, whether it came from the cache). A model
@@ -138,7 +152,9 @@ def cached_check(
     files = check_clips(calibration)
     clips = hashlib.sha256("".join(f"{p.name}:{p.stat().st_size};" for p in files).encode()).hexdigest()[:16]
     key = hashlib.sha256(
-        json.dumps([VERSION, sha, precision, torch.device(device).type, capability, clips]).encode()
+        json.dumps(
+            [VERSION, sha, precision, INT8_SCHEME, torch.device(device).type, capability, clips]
+        ).encode()
     ).hexdigest()[:32]
     path = cache_dir() / "precision" / f"{key}.json"
     if sha and path.is_file():
@@ -146,7 +162,7 @@ def cached_check(
             return PrecisionCheck(**json.loads(path.read_text())), True
         except (OSError, ValueError, TypeError):
             pass  # a damaged cache entry is checked again
-    verdict = run_check(model, precision, device, calibration)
+    verdict = run_check(model, precision, device, calibration, candidate)
     if sha:
         try:
             from sslam_core.runs.outputs import atomic_write

@@ -4,10 +4,10 @@
 - CUDA: bf16 autocast where the GPU computes bf16, else fp32;
 - CPU: bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16; elsewhere
   bf16 is emulated and several times slower than fp32), else fp32.
-The commands then check the model at the proposed precision before using it
-(`sslam_core.inference.precision_check`, cached per checkpoint) and fall back to fp32 when its results
-move. int8 (ONNX Runtime) is never chosen by `auto`: it is asked for with `--precision int8` (see the
-fidelity table in docs/guides/cpu-deployment.md).
+The commands then check the model before using a faster precision (`sslam_core.inference.
+precision_check`, cached per checkpoint): on a CPU int8 (ONNX Runtime) first where the command can run
+it, then the proposal, and fall back to fp32 when the model's results move (docs/guides/
+cpu-deployment.md).
 
 The CPU's features come from `torch.cpu.get_capabilities()` where torch has it, else from the flags of
 /proc/cpuinfo; `SSLAM_CPU_CAPABILITY` overrides both (tests, or a CPU the detection gets wrong): a

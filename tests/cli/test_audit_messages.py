@@ -91,7 +91,7 @@ def test_bogus_cpu_capability_is_refused():
     ]
     chosen = sslam("tag", CLIP, "-c", TINY_FINETUNED, "--precision", "auto", "-k", "1",
                    env={"SSLAM_CPU_CAPABILITY": "avx2 fma"})  # fmt: skip
-    assert "--precision auto runs fp32" in chosen.stderr
+    assert "--precision auto runs int8" in chosen.stderr  # the flags are read; int8 keeps its results
 
 
 def test_threshold_csv_lines_and_a_missing_file(tmp_path):

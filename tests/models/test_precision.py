@@ -86,37 +86,49 @@ def test_override_and_cpuinfo_fallback(monkeypatch, tmp_path):
     assert cpu_capability().native_bf16 and cpu_capability().source == "/proc/cpuinfo"
 
 
-@pytest.mark.parametrize(
-    ("flags", "expected", "why"),
-    [
-        ("avx2", "fp32", "the CPU has no native bf16"),
-        ("avx512f,avx512_bf16", "fp32", "bf16 moved this model's results"),
-    ],
-)
-def test_tag_auto_end_to_end(flags, expected, why):
-    """The near-chance 527-class tiny tagger: its close scores swap under bf16, so auto keeps fp32."""
+@pytest.mark.parametrize("flags", ["avx2", "avx512f,avx512_bf16"])
+def test_tag_auto_end_to_end(flags):
+    """On a CPU auto tries int8 first: the tiny tagger keeps its top classes there (one window per pass),
+    so it runs int8 whatever the bf16 support, and its output is `--precision int8`'s."""
     args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "-k", "3", "--device", "cpu")
     auto = sslam(*args, "--precision", "auto", env={precision.ENV: flags})
     notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
-    assert len(notes) == 1 and f"runs {expected}: {why}" in notes[0], auto.stderr
-    same = sslam(*args, "--precision", expected)
+    assert len(notes) == 1 and "runs int8: it keeps this model's results" in notes[0], auto.stderr
+    same = sslam(*args, "--precision", "int8")
     assert json.loads(auto.stdout) == json.loads(same.stdout)
+
+
+def test_auto_where_int8_cannot_run_checks_bf16_and_falls_back_to_fp32(tmp_path):
+    """Block 1 of the near-chance 527-class tagger: the int8 graph gives the last block only, so bf16 is
+    checked instead, and the tagger's close scores swap there: auto keeps fp32 and says why."""
+    args = ("extract", CLIP, "-c", TAGGER, "--layer", "1", "--device", "cpu", "--overwrite")
+    auto = sslam(
+        *args, "-o", tmp_path / "a.h5", "--precision", "auto", env={precision.ENV: "avx512f,avx512_bf16"}
+    )
+    notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
+    assert len(notes) == 1 and "runs fp32: bf16 moved this model's results" in notes[0], auto.stderr
+    sslam(*args, "-o", tmp_path / "b.h5", "--precision", "fp32")
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert np.array_equal(a["clip"][:], b["clip"][:])
+    plain = sslam(*args, "-o", tmp_path / "a.h5", "--precision", "auto", env={precision.ENV: "avx2"})
+    assert "runs fp32: the CPU has no native bf16" in plain.stderr
 
 
 def test_extract_auto_end_to_end(tmp_path):
     out = {}
-    for name, option in (("auto", "auto"), ("fp32", "fp32")):
+    for name, option in (("auto", "auto"), ("fp32", "fp32")):  # block 1: no int8 graph, no native bf16
         out[name] = tmp_path / f"{name}.h5"
         sslam("extract", CLIP, "-c", ENCODER, "-o", out[name], "--device", "cpu", "--precision", option,
-              env={precision.ENV: "avx2"})  # fmt: skip
+              "--layer", "1", env={precision.ENV: "avx2"})  # fmt: skip
     with h5py.File(out["auto"]) as a, h5py.File(out["fp32"]) as b:
         assert np.array_equal(a["clip"][:], b["clip"][:])
 
 
 def test_auto_checks_the_model_once_and_runs_bf16_where_it_keeps_its_results(tmp_path):
-    """An encoder whose vectors keep a cosine of 0.999 under bf16 on the check clips runs bf16; the
-    verdict is cached per checkpoint, and --calibration checks on the user's own clips."""
-    args = ("extract", CLIP, "-c", ENCODER, "--device", "cpu", "--overwrite")
+    """An encoder whose vectors keep a cosine of 0.999 under bf16 on the check clips runs bf16 (block 1:
+    the int8 graph gives the last block only); the verdict is cached per checkpoint, and --calibration
+    checks on the user's own clips."""
+    args = ("extract", CLIP, "-c", ENCODER, "--device", "cpu", "--overwrite", "--layer", "1")
     flags = {precision.ENV: "avx512f,avx512_bf16"}
     first = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", env=flags)
     assert (
@@ -134,6 +146,17 @@ def test_auto_checks_the_model_once_and_runs_bf16_where_it_keeps_its_results(tmp
     bad = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto", "--calibration", tmp_path / "none",
                 env=flags, code=2)  # fmt: skip
     assert "--calibration" in bad.stderr and "not a folder" in bad.stderr
+
+
+def test_auto_runs_int8_when_it_keeps_the_results_and_reuses_the_verdict(tmp_path):
+    args = ("extract", CLIP, "-c", ENCODER, "--device", "cpu", "--overwrite")
+    first = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto")
+    assert "runs int8: it keeps this model's results (checked now: 8 windows" in first.stderr
+    again = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto")
+    assert "(checked before:" in again.stderr
+    sslam(*args, "-o", tmp_path / "int8.h5", "--precision", "int8")
+    with h5py.File(tmp_path / "auto.h5") as a, h5py.File(tmp_path / "int8.h5") as b:
+        assert np.array_equal(a["clip"][:], b["clip"][:])
 
 
 def test_the_check_compares_top_classes_and_cosines_on_the_clips():
