@@ -218,7 +218,12 @@ def settle_auto(
     moved = []
     if torch_model and int8_ok and checkpoint and device.type == "cpu" and _onnx_available():
         from sslam_core.models.factory import load_model
+        from sslam_core.models.onnx_export import int8_cached
 
+        sha = (model.checkpoint_info or {}).get("sha256")
+        if sha and not int8_cached(sha, teacher):
+            once = "once; seconds for a small model, minutes for a ViT-B"
+            note(f"note: --precision auto: quantising the int8 model of {checkpoint} to check it ({once})")
         try:
             int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
             verdict, cached = cached_check(model, "int8", device, calibration, capability, candidate=int8)

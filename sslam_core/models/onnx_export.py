@@ -220,6 +220,11 @@ def int8_path(ckpt: Checkpoint) -> Path:
     return _int8_file(ckpt.sha256, ckpt.extra.get("weights") == "ema_teacher")
 
 
+def int8_cached(sha256: str, teacher: bool = False) -> bool:
+    """Whether the int8 model of the checkpoint file with this sha256 is in the cache (no quantising)."""
+    return _int8_file(sha256, teacher).is_file()
+
+
 def _int8_file(sha256: str, teacher: bool) -> Path:
     return cache_dir() / "int8" / f"{sha256}{'-teacher' if teacher else ''}-v{OPSET}-q{INT8_SCHEME}.onnx"
 
@@ -280,6 +285,7 @@ __all__ = [
     "int8_checkpoint",
     "int8_model",
     "int8_path",
+    "int8_cached",
     "load_int8",
     "quantize_int8",
     "tolerance",

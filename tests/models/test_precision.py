@@ -92,8 +92,10 @@ def test_tag_auto_end_to_end(flags):
     so it runs int8 whatever the bf16 support, and its output is `--precision int8`'s."""
     args = ("tag", CLIP, "-c", TAGGER, "-f", "json", "-k", "3", "--device", "cpu")
     auto = sslam(*args, "--precision", "auto", env={precision.ENV: flags})
-    notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
+    notes = [line for line in auto.stderr.splitlines() if "--precision auto runs" in line]
     assert len(notes) == 1 and "runs int8: it keeps this model's results" in notes[0], auto.stderr
+    again = sslam(*args, "--precision", "auto", env={precision.ENV: flags})
+    assert "quantising" not in again.stderr and "(checked before:" in again.stderr  # made and checked once
     same = sslam(*args, "--precision", "int8")
     assert json.loads(auto.stdout) == json.loads(same.stdout)
 
@@ -148,9 +150,13 @@ def test_auto_checks_the_model_once_and_runs_bf16_where_it_keeps_its_results(tmp
     assert "--calibration" in bad.stderr and "not a folder" in bad.stderr
 
 
-def test_auto_runs_int8_when_it_keeps_the_results_and_reuses_the_verdict(tmp_path):
+def test_auto_runs_int8_when_it_keeps_the_results_and_reuses_the_verdict(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSLAM_CACHE", str(tmp_path / "cache"))
     args = ("extract", CLIP, "-c", ENCODER, "--device", "cpu", "--overwrite")
     first = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto")
+    assert (
+        f"note: --precision auto: quantising the int8 model of {ENCODER} to check it (once;" in first.stderr
+    )
     assert "runs int8: it keeps this model's results (checked now: 8 windows" in first.stderr
     again = sslam(*args, "-o", tmp_path / "auto.h5", "--precision", "auto")
     assert "(checked before:" in again.stderr
