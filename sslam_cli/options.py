@@ -215,6 +215,12 @@ def settle_auto(
         return chosen, model
     torch_model = isinstance(model, (Encoder, Classifier)) and not hasattr(model, "session")
     capability = cpu_capability().name if device.type == "cpu" else device.type
+    why = auto_precision(device)[1]
+
+    def check(precision: str, candidate=None):  # (verdict, "checked now" or "checked before")
+        verdict, cached = cached_check(model, precision, device, calibration, capability, candidate=candidate)
+        return verdict, "checked before" if cached else "checked now"
+
     moved = []
     if torch_model and int8_ok and checkpoint and device.type == "cpu" and _onnx_available():
         from sslam_core.models.factory import load_model
@@ -224,29 +230,20 @@ def settle_auto(
         if sha and not int8_cached(sha, teacher):
             once = "once; seconds for a small model, minutes for a ViT-B"
             note(f"note: --precision auto: quantising the int8 model of {checkpoint} to check it ({once})")
-        try:
-            int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
-            verdict, cached = cached_check(model, "int8", device, calibration, capability, candidate=int8)
-        except SslamError as err:
-            fail(str(err))
-        when = "checked before" if cached else "checked now"
+        int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
+        verdict, when = check("int8", int8)
         if verdict.passed:
             kept = f"it keeps this model's results ({when}: {verdict.summary()})"
             note(f"note: --precision auto runs int8: {kept}")
             return "int8", int8
         moved.append(f"int8 moved its results ({when}: {verdict.summary()})")
     if chosen == "fp32":
-        note(f"note: --precision auto runs fp32: {'; '.join([*moved, auto_precision(device)[1]])}")
+        note(f"note: --precision auto runs fp32: {'; '.join([*moved, why])}")
         return chosen, model
-    why = auto_precision(device)[1]
     if not torch_model:  # an ONNX export runs as exported
         note(f"note: --precision auto runs {chosen}: {why}")
         return chosen, model
-    try:
-        verdict, cached = cached_check(model, chosen, device, calibration, capability)
-    except SslamError as err:
-        fail(str(err))
-    when = "checked before" if cached else "checked now"
+    verdict, when = check(chosen)
     if verdict.passed:
         note(f"note: --precision auto runs {chosen}: {why}; {when} on this model: {verdict.summary()}")
         return chosen, model
@@ -257,10 +254,15 @@ def settle_auto(
 
 
 def _onnx_available() -> bool:
-    """Whether the `[onnx]` extra is installed (int8 needs ONNX Runtime and the exporter)."""
-    import importlib.util
+    """Whether the `[onnx]` extra imports (int8 needs ONNX Runtime and the exporter)."""
+    from sslam_core.models.onnx_export import EXPORT_MODULES
+    from sslam_core.models.onnx_runtime import OnnxUnavailable, require
 
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+    try:
+        require(*EXPORT_MODULES)
+    except OnnxUnavailable:
+        return False
+    return True
 
 
 def parse_norm(norm: str | None, default=None) -> str | tuple[float, float]:

@@ -166,24 +166,16 @@ def _progress(total: int, what: str):
 def _audio_queries(idx, queries, k, group, checkpoint, audio_dir, device, precision, batch_size, workers):
     from sslam_core.data.inputs import collect_inputs
     from sslam_core.runs.interrupts import StopRequest
-    from sslam_core.search.index import QueryResult
 
     inputs = collect_inputs(queries, audio_dir)
     report_inputs(inputs, queries)
     dev = pick_device(device)
     precision = check_precision(precision, dev)
-    model = idx.model(checkpoint, device=dev, precision=precision)
-    results = []
     with StopRequest() as stop:
-        embedded = idx.embed(inputs.paths, model, inputs.names, device=dev, precision=precision,
-                             batch_size=batch_size, workers=workers, stop=lambda: stop.requested)  # fmt: skip
-        for name, vector, error in embedded:
-            if error is not None:
-                results.append(
-                    QueryResult(name, [], f"{name}: {error}" if not error.startswith(name) else error)
-                )
-            else:
-                results.append(QueryResult(name, idx.search(vector, k, group)[0]))
+        results = idx.search_audio(
+            inputs.paths, k, group, checkpoint, names=inputs.names, device=dev, precision=precision,
+            batch_size=batch_size, workers=workers, stop=lambda: stop.requested,
+        )  # fmt: skip
     if stop.requested:
         from sslam_cli.options import interrupted
 
@@ -255,6 +247,7 @@ def _export(results, folder: Path, pad: float, overwrite: bool, root: str | None
     from sslam_core.audio.constants import SAMPLE_RATE
     from sslam_core.audio.decode import load_audio
     from sslam_core.audio.files import AudioError
+    from sslam_core.runs.outputs import atomic_write
 
     plan = []
     for qi, r in enumerate(results, start=1):
@@ -278,8 +271,6 @@ def _export(results, folder: Path, pad: float, overwrite: bool, root: str | None
             first = max(0, math.floor((m.start - pad) * SAMPLE_RATE))
             wave = wave[first : math.ceil((m.end + pad) * SAMPLE_RATE)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        from sslam_core.runs.outputs import atomic_write
-
         atomic_write(path, lambda tmp, w=wave: sf.write(tmp, w, SAMPLE_RATE, format="WAV", subtype="PCM_16"))
         written += 1
     note(f"exported {written} segment(s) to {folder}")

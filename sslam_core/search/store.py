@@ -124,11 +124,8 @@ class EmbeddingStore:
         """Unit vectors of `rows` (all rows when None)."""
         if rows is None:
             return unit_rows(self._data[()])
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        out[order] = unit_rows(self._data[np.unique(rows)][np.searchsorted(np.unique(rows), rows[order])])
-        return out
+        unique, where = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return unit_rows(self._data[unique])[where]  # h5py reads sorted, distinct rows
 
     def file_of(self, rows: np.ndarray) -> np.ndarray:
         """The file index of each row."""

@@ -35,6 +35,13 @@ from sslam_core.training.finetuning import (
 )
 
 
+def freeze_encoder(model: Classifier) -> Classifier:
+    """`model` with its encoder's weights frozen: a linear probe trains fc_norm + head only."""
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def feature_statistics(features: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-dimension mean and std of layer-normalised (no affine) probe features.
 
@@ -81,9 +88,7 @@ class LinearProbeTask(ClassifierTask):
     ) -> tuple[Classifier, str]:
         """The Classifier without drop-path, its encoder frozen."""
         model, init = build_classifier(checkpoint, self.classes, 0.0, seed, model_config, self.config.pool)
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-        return model, init
+        return freeze_encoder(model), init
 
     def cached_features(self, which: str) -> tuple[Tensor, Tensor]:
         """Frozen-encoder pooled features (N, D) (CLS, or mean patch token) and targets (N, C) of 'train'
@@ -196,9 +201,7 @@ class AugmentedLinearProbeTask(FinetuneTask):
         model, init = build_classifier(
             checkpoint, self.classes, self.config.drop_path, seed, model_config, self.config.pool
         )
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-        return model, init
+        return freeze_encoder(model), init
 
     def logits_and_targets(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The augmented batch through the frozen encoder (no gradients), then fc_norm + head."""
@@ -208,4 +211,10 @@ class AugmentedLinearProbeTask(FinetuneTask):
         return self.model.classify(features), target
 
 
-__all__ = ["LinearProbeTask", "AugmentedLinearProbeTask", "feature_statistics", "fold_standardization"]
+__all__ = [
+    "LinearProbeTask",
+    "AugmentedLinearProbeTask",
+    "feature_statistics",
+    "fold_standardization",
+    "freeze_encoder",
+]

@@ -266,3 +266,14 @@ def test_what_the_batch_changes_in_torch_precisions(name):
                 np.testing.assert_allclose(
                     many.scores, alone.scores, rtol=0, atol=1e-6 if name == "fp32" else 1e-2
                 )
+
+
+def test_auto_without_the_onnx_extra_checks_bf16(tmp_path, monkeypatch):
+    """The [onnx] extra made unimportable: auto cannot try int8 and goes on to bf16, as it says."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` raises ImportError
+    args = ("extract", CLIP, "-c", ENCODER, "-o", tmp_path / "a.h5", "--device", "cpu", "--precision", "auto")
+    auto = sslam(*args, env={precision.ENV: "avx512f,avx512_bf16"})
+    notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
+    assert len(notes) == 1 and "runs bf16: the CPU computes bf16 natively" in notes[0], auto.stderr
