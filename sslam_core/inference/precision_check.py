@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sslam_core.audio.constants import HOP_SAMPLES
-from sslam_core.audio.decode import load_audio
+from sslam_core.audio.decode import stream_audio
 from sslam_core.audio.files import AudioError
 from sslam_core.audio.frontend import prepare_input
 from sslam_core.data.label_formats import AUDIO_EXTENSIONS
@@ -33,7 +33,7 @@ AGREEMENT = 0.98  # top-1 agreement with fp32 a faster precision must reach
 MIN_COSINE = 0.999  # and the cosine of its pooled encoder output on every window
 MAX_WINDOWS = 32
 CHECK_FRAMES = 8192  # frames per precision of the built-in check: 32 short windows, or 8 of 10.24 s
-VERSION = 1
+VERSION = 2  # of the check: 2 streams the clips (flat memory for long calibration files)
 
 
 @dataclass(frozen=True)
@@ -68,21 +68,29 @@ def check_clips(calibration: str | os.PathLike | None = None) -> list[Path]:
 def _windows(files: list[Path], target_length: int, count: int) -> list[torch.Tensor]:
     """`count` windows of `target_length` frames from the readable files played one after another
     (repeated when shorter than a window), each starting a 1/count turn later around the loop: as many
-    distinct windows for a 10 s model as for a 0.64 s one."""
-    waves = []
+    distinct windows for a 10 s model as for a 0.64 s one. At most `count` windows' worth of audio is
+    decoded, streamed, however long the files: memory stays flat for a folder of long recordings."""
+    size = target_length * HOP_SAMPLES
+    budget = count * size
+    waves, total = [], 0
     for path in files:
+        if total >= budget:
+            break
         try:
-            waves.append(load_audio(path))
+            for block in stream_audio(path):
+                waves.append(block[: budget - total])
+                total += waves[-1].shape[0]
+                if total >= budget:
+                    break
         except AudioError:
             continue
-    if not waves:
+    if not total:
         raise OptionError("none of the check clips could be decoded")
     medley = torch.cat(waves)
-    size = target_length * HOP_SAMPLES
-    if medley.shape[0] < size:
-        medley = medley.repeat(size // medley.shape[0] + 1)
-    step = medley.shape[0] // count
-    return [torch.roll(medley, -k * step)[:size].clone() for k in range(count)]
+    n = medley.shape[0]
+    loop = n if n >= size else n * (size // n + 1)  # shorter than a window: played again until it fills one
+    step = loop // count
+    return [medley[(k * step + torch.arange(size)) % loop % n] for k in range(count)]
 
 
 def _outputs(model, x: torch.Tensor, precision: str, device: torch.device) -> tuple:

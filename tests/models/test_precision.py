@@ -277,3 +277,30 @@ def test_auto_without_the_onnx_extra_checks_bf16(tmp_path, monkeypatch):
     auto = sslam(*args, env={precision.ENV: "avx512f,avx512_bf16"})
     notes = [line for line in auto.stderr.splitlines() if "--precision auto" in line]
     assert len(notes) == 1 and "runs bf16: the CPU computes bf16 natively" in notes[0], auto.stderr
+
+
+@pytest.mark.slow
+def test_a_long_calibration_file_is_read_only_as_far_as_the_check_needs(tmp_path):
+    """--calibration of an hour-long recording: the check streams 32 windows' worth of it, so its memory
+    stays far below the 230 MB the whole file takes as float32 samples."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(tmp_path / "hour.flac", "w", 16000, 1, format="FLAC") as f:
+        for _ in range(60):
+            f.write((rng.standard_normal(16000 * 60) * 0.05).astype(np.float32))
+    code = (
+        "import resource, sys\n"
+        "from sslam_core.inference import precision_check as P\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "windows = P._windows(P.check_clips(sys.argv[1]), 1024, 32)\n"
+        "print(len(windows), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    count, grown_mb = map(int, out.stdout.split())
+    assert count == 32 and grown_mb < 100, out.stdout
