@@ -1,11 +1,13 @@
 """The CPU backends of a seeded ViT-B encoder in one process, and `sslam tag` fp32 vs int8 end to end.
 
 Backends: torch fp32 (the baseline), torch bf16 autocast as `--precision bf16` runs it (the output block
-in fp32) and with every block in bf16 (only where the CPU has native bf16), torch
-dynamic int8 (`quantize_dynamic` on the Linear layers; deprecated in torch, kept for comparison), ONNX
-Runtime fp32 and ONNX Runtime int8 (dynamic, MatMul weights). Prints seconds per clip, the ratio to
-torch fp32, the cosine of the CLS and patch outputs to torch fp32 on real clips, and the CPU capability
-it ran on; the last line is JSON.
+and head in fp32) and with every block in bf16 (only where the CPU has native bf16), torch dynamic int8
+(`quantize_dynamic` on the Linear layers; deprecated in torch, kept for comparison), ONNX Runtime fp32,
+ONNX Runtime's own dynamic int8 (per-channel weights, one activation scale per batch: what
+`--precision int8` ran before) on the whole batch, and the int8 graph `--precision int8` runs now
+(`sslam_core.models.int8`: per-token activation scales, the output block in fp32), one window per pass
+as the pipeline runs it. Prints seconds per clip, the ratio to torch fp32, the cosine of the CLS and
+patch outputs to torch fp32 on real clips, and the CPU capability it ran on; the last line is JSON.
 
 `--end-to-end` also times `sslam tag` itself, each run its own process, on the same files (--clips 10 s
 clips cut from real recordings, the test data by default) with a seeded ViT-B tagger (527 classes):
@@ -55,6 +57,21 @@ def torch_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
+
+
+def ort_dynamic_int8(proto: object) -> bytes:
+    """ONNX Runtime's dynamic quantisation of an fp32 graph (int8 MatMul weights, one scale per output
+    channel; activations scaled per batch): the int8 scheme before `sslam_core.models.int8`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="sslam-bench-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
+        )
+        return dst.read_bytes()
 
 
 def clips(batch: int, frames: int) -> Tensor:
@@ -156,15 +173,18 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
     )
     import onnx
 
+    before = ort_dynamic_int8(onnx.load_model_from_string(exported.data))
     int8 = quantize_int8(onnx.load_model_from_string(exported.data)).SerializeToString()
     runs: dict[str, Callable[[], Tensor]] = {"torch fp32": torch_run(model)}
     if bf16:
         runs["torch bf16"] = torch_run(model, "bf16")
         runs["torch bf16, every block"] = every_block_bf16
     runs["torch int8"] = torch_run(torch_int8(model))
-    for name, data in (("onnxruntime fp32", exported.data), ("onnxruntime int8", int8)):
+    for name, data in (("onnxruntime fp32", exported.data), ("onnxruntime dynamic int8 (before)", before)):
         session = open_session(data, args.threads)
         runs[name] = lambda session=session: run_session(session, x)["features"]
+    session = open_session(int8, args.threads)  # one window per pass, as --precision int8 runs it
+    runs["onnxruntime int8"] = lambda: torch.cat([run_session(session, w[None])["features"] for w in x])
 
     times = timed(runs, repeats=args.repeats, warmup=1)
     reference = times["torch fp32"].result
@@ -184,7 +204,7 @@ def backends(args: argparse.Namespace, bf16: bool) -> list[dict]:
         base = rows[0]["s_per_clip"]
         rows[-1]["speedup"] = round(base / per_clip, 2)
         r = rows[-1]
-        print(f"{name:18s} {per_clip:.3f} s/clip  {r['speedup']:.2f}x torch fp32  "
+        print(f"{name:34s} {per_clip:.3f} s/clip  {r['speedup']:.2f}x torch fp32  "
               f"CLS cosine {r['cls_cosine']:.5f}  patch cosine {r['patch_cosine']:.5f}  "
               f"max diff {r['max_diff']:.2g}")  # fmt: skip
     return rows

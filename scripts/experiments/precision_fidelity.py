@@ -1,6 +1,6 @@
 """Fidelity of the lower inference precisions to fp32 on real audio: torch bf16 autocast (only where the
 CPU has native bf16, unless --bf16), torch dynamic int8 (`quantize_dynamic` on the Linear layers) and
-ONNX Runtime int8 (what `--precision int8` runs: the checkpoint's cached dynamic-int8 graph).
+ONNX Runtime int8 (what `--precision int8` runs: the checkpoint's cached int8 graph, per-token scales).
 
     .venv/bin/python scripts/precision_fidelity.py /work/shared/data            # fine-tunes its models
     .venv/bin/python scripts/precision_fidelity.py DATA --checkpoint CKPT --labelled SET [--checkpoint ...]

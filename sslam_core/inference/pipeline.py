@@ -170,11 +170,12 @@ def run_windows(
     """Run `model` over every window of every source; `head(input)` maps a (B,1,T,128) batch to named
     per-window outputs (B, ...). Yields one FileResult per source, in order. `options` say the windows,
     batching, decoding, device and precision (see `PipelineOptions`; batch size and workers default
-    to what suits the device, `default_batching`; an int8 model runs one window per pass, since its
-    activations are quantised per batch). `names` are how results and messages refer to the
-    sources (default: their paths). When `stop()` turns true (a signal, see `interrupts`), the run
-    ends before the next batch: the files finished so far have been yielded, the rest are not, and
-    no decoding process is left behind. Results on CPU do not depend on workers or processes."""
+    to what suits the device, `default_batching`; an int8 model runs one window per pass, so that a
+    file's outputs are the same bits in any batch: `onnx_runtime.batch_dependent`). `names` are how
+    results and messages refer to the sources (default: their paths). When `stop()` turns true (a
+    signal, see `interrupts`), the run ends before the next batch: the files finished so far have been
+    yielded, the rest are not, and no decoding process is left behind. Results on CPU do not depend on
+    workers or processes."""
     o = options or PipelineOptions()
     device = torch.device(o.device)
     batch_size, workers = default_batching(device, o.batch_size, o.workers)

@@ -5,8 +5,8 @@ The file carries everything needed to tag or embed with it alone, as JSON under 
 key "sslam": the model config, labels, normalisation, the checkpoint's other metadata, and `kind`,
 `layer`, `target_length` (the default window), `precision`, `source` and `source_sha256`. Every export
 is checked against torch on a random batch before it is written (`Export.max_diff`); `int8=True`
-quantises the MatMul weights with ONNX Runtime's dynamic quantisation and reports the cosine of its
-outputs to the fp32 graph's.
+quantises the MatMuls (`sslam_core.models.int8`) and reports the cosine of its outputs to the fp32
+graph's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from sslam_core.errors import SslamError
+from sslam_core.models import int8
 from sslam_core.models.checkpoint import Checkpoint, CheckpointError, metadata, sha256_file
 from sslam_core.models.loading import read_checkpoint, reader_for, resolve, torch_model
 from sslam_core.models.onnx_runtime import INPUT, cached_int8, onnx_model, open_session, require, run_session
@@ -34,7 +34,7 @@ from sslam_core.runs.outputs import atomic_write
 
 FP32_TOLERANCE = 1e-4
 OPSET = 18
-INT8_SCHEME = 2  # of the cached int8 models: 2 = per-channel weight scales (1: one scale per matrix)
+INT8_SCHEME = int8.SCHEME  # in the cached int8 models' names: a new scheme makes them again
 EXPORT_MODULES = ("onnx", "onnxruntime", "onnxscript")
 
 
@@ -125,19 +125,12 @@ def _to_onnx(graph: _Graph, example: Tensor, outputs: list[str]) -> object:
 
 
 def quantize_int8(proto: object) -> object:
-    """ONNX Runtime dynamic quantisation: int8 MatMul weights with one scale per output channel (it kept
-    more of the linear probes' decisions than one scale per matrix: docs/guides/cpu-deployment.md),
-    activations quantised per batch."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _muted(""), tempfile.TemporaryDirectory(prefix="sslam-int8-") as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(proto, str(src))
-        quantize_dynamic(
-            src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
-        )
-        return onnx.load(str(dst))
+    """The int8 graph of an fp32 export (`sslam_core.models.int8`: per-channel weight scales, per-token
+    activation scales, the output block in fp32); a graph it cannot quantise is an ExportError."""
+    try:
+        return int8.quantize_int8(proto)
+    except int8.QuantizationError as e:
+        raise ExportError(f"cannot quantise to int8: {e}") from None
 
 
 def export_checkpoint(
@@ -200,6 +193,8 @@ def export_checkpoint(
         result.cosine = {"cls": _cosine(quant["features"][:, 0], fp32["features"][:, 0])}
         result.cosine.update({n: _cosine(quant[n], fp32[n]) for n in outputs})
     meta["precision"] = result.precision
+    if int8:
+        meta["int8_scheme"] = INT8_SCHEME
     onnx.helper.set_model_props(proto, {"sslam": json.dumps(meta)})
     result.data = proto.SerializeToString()
     return result
