@@ -169,10 +169,11 @@ INFERENCE_FP32_TAIL = (
 
 @contextmanager
 def fp32_tail(blocks: int = INFERENCE_FP32_TAIL) -> Iterator[None]:
-    """Run the last `blocks` encoder blocks of each forward pass in fp32 while a reduced-precision
-    autocast is on (`Encoder.contextualize` reads it). The inference pipeline sets it for bf16 and fp16:
-    the output block's rounding moves a probe's decisions far more than the earlier blocks', at one
-    block's share of the time. Training does not set it."""
+    """Run the last `blocks` encoder blocks of each forward pass, and a classifier's fc_norm and head,
+    in fp32 while a reduced-precision autocast is on (`Encoder.contextualize` and `Classifier.classify`
+    read it). The inference pipeline sets it for bf16 and fp16: the rounding of the output block and of
+    the head's input moves a probe's decisions far more than the earlier blocks', at about one block's
+    share of the time. Training does not set it."""
     token = _FP32_TAIL.set(blocks)
     try:
         yield

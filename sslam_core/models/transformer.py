@@ -257,8 +257,14 @@ class Classifier(nn.Module):
         return features[:, 0] if self.cfg.pool == "cls" else features[:, 1:].mean(dim=1)
 
     def classify(self, features: Tensor) -> Tensor:
-        """Logits from encoder features (B, 1 + N, D), or from already pooled vectors (B, D)."""
+        """Logits from encoder features (B, 1 + N, D), or from already pooled vectors (B, D). Where the
+        output blocks run in fp32 under autocast (`precision.fp32_tail`), so do fc_norm and the head:
+        a linear probe's head (with the feature standardisation folded in) turns the bf16 rounding of
+        its input into changed decisions."""
         pooled = features if features.ndim == 2 else self.pooled(features)
+        if fp32_tail_blocks() and torch.is_autocast_enabled(pooled.device.type):
+            with torch.autocast(pooled.device.type, enabled=False):
+                return self.head(self.fc_norm(pooled.float()))
         return self.head(self.fc_norm(pooled))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -86,3 +86,18 @@ def test_bad_input_shape(encoder):
 def test_flops_of_vit_base():
     flops = count_flops(preset("base"), 1024)
     assert 2 * 86e6 * 513 < flops < 2 * 86e6 * 513 * 1.2  # ~2 x params x tokens, plus attention
+
+
+@torch.no_grad()
+def test_the_fp32_tail_runs_the_head_in_fp32(classifier):
+    """Under a bf16 autocast with `fp32_tail` (as inference runs bf16), fc_norm and the head compute in
+    fp32: the logits from given features are fp32's bits; without it the head is bf16."""
+    from sslam_core.models.precision import fp32_tail
+
+    features = torch.randn(2, 9, classifier.cfg.embed_dim, generator=torch.Generator().manual_seed(0))
+    reference = classifier.classify(features)
+    with torch.autocast("cpu", torch.bfloat16), fp32_tail():
+        tail = classifier.classify(features)
+    assert tail.dtype == torch.float32 and torch.equal(tail, reference)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert classifier.classify(features).dtype == torch.bfloat16

@@ -12,6 +12,8 @@ import torch
 from conftest import ROOT, sslam
 
 from sslam_core.models import precision
+from sslam_core.models.layouts.native import save_checkpoint
+from sslam_core.models.loading import read_checkpoint
 from sslam_core.models.precision import (
     CpuCapability,
     auto_precision,
@@ -100,10 +102,27 @@ def test_tag_auto_end_to_end(flags):
     assert json.loads(auto.stdout) == json.loads(same.stdout)
 
 
+def cancelling_tagger(path, gain: float = 1000.0) -> None:
+    """The tiny tagger with a first-block MLP whose output is the small difference of two large halves:
+    hidden units 128-255 copy 0-127 with weights 1.001 times larger, and fc2 adds the first half times
+    `gain` and subtracts the second. bf16's rounding of the hidden units is larger than their
+    difference, so bf16 changes this model's output where fp32 does not."""
+    ckpt = read_checkpoint(TAGGER)
+    state = dict(ckpt.state)
+    mlp = "encoder.blocks.0.mlp."
+    w1, b1, w2 = (state[mlp + n].clone() for n in ("fc1.weight", "fc1.bias", "fc2.weight"))
+    w1[128:], b1[128:] = w1[:128] * 1.001, b1[:128] * 1.001
+    w2[:, 128:], w2[:, :128] = -gain * w2[:, :128], gain * w2[:, :128]
+    state.update({mlp + "fc1.weight": w1, mlp + "fc1.bias": b1, mlp + "fc2.weight": w2})
+    save_checkpoint(path, ckpt.config, state, labels=ckpt.labels, extra=ckpt.extra)
+
+
 def test_auto_where_int8_cannot_run_checks_bf16_and_falls_back_to_fp32(tmp_path):
-    """Block 1 of the near-chance 527-class tagger: the int8 graph gives the last block only, so bf16 is
-    checked instead, and the tagger's close scores swap there: auto keeps fp32 and says why."""
-    args = ("extract", CLIP, "-c", TAGGER, "--layer", "1", "--device", "cpu", "--overwrite")
+    """Block 1 of a tagger that bf16 cannot run (`cancelling_tagger`): the int8 graph gives the last
+    block only, so bf16 is checked instead, and it moves the results: auto keeps fp32 and says why."""
+    tagger = tmp_path / "cancelling.safetensors"
+    cancelling_tagger(tagger)
+    args = ("extract", CLIP, "-c", tagger, "--layer", "1", "--device", "cpu", "--overwrite")
     auto = sslam(
         *args, "-o", tmp_path / "a.h5", "--precision", "auto", env={precision.ENV: "avx512f,avx512_bf16"}
     )
@@ -114,6 +133,17 @@ def test_auto_where_int8_cannot_run_checks_bf16_and_falls_back_to_fp32(tmp_path)
         assert np.array_equal(a["clip"][:], b["clip"][:])
     plain = sslam(*args, "-o", tmp_path / "a.h5", "--precision", "auto", env={precision.ENV: "avx2"})
     assert "runs fp32: the CPU has no native bf16" in plain.stderr
+
+
+def test_bf16_keeps_the_near_chance_taggers_top_class(tmp_path):
+    """The test suite's near-chance 527-class tagger, whose close scores swapped under bf16 while its
+    head ran in bf16: with the output block, fc_norm and the head in fp32, auto's check passes bf16."""
+    args = ("extract", CLIP, "-c", TAGGER, "--layer", "1", "--device", "cpu", "--overwrite")
+    auto = sslam(
+        *args, "-o", tmp_path / "a.h5", "--precision", "auto", env={precision.ENV: "avx512f,avx512_bf16"}
+    )
+    assert "runs bf16: the CPU computes bf16 natively" in auto.stderr, auto.stderr
+    assert "top-1 agreement 1.000" in auto.stderr
 
 
 def test_extract_auto_end_to_end(tmp_path):
@@ -165,15 +195,18 @@ def test_auto_runs_int8_when_it_keeps_the_results_and_reuses_the_verdict(tmp_pat
         assert np.array_equal(a["clip"][:], b["clip"][:])
 
 
-def test_the_check_compares_top_classes_and_cosines_on_the_clips():
+def test_the_check_compares_top_classes_and_cosines_on_the_clips(tmp_path):
     from sslam_core.inference.precision_check import run_check
     from sslam_core.models.factory import load_model
 
     tagger = load_model(TAGGER)
     verdict = run_check(tagger, "fp32")  # fp32 against itself: identical
     assert verdict.passed and verdict.top1_agreement == 1.0 and verdict.min_cosine == pytest.approx(1.0)
-    bf16 = run_check(tagger, "bf16")
-    assert bf16.windows == 8 and bf16.top1_agreement < 0.98 and not bf16.passed
+    kept = run_check(tagger, "bf16")  # the output block, fc_norm and head in fp32
+    assert kept.windows == 8 and kept.top1_agreement == 1.0 and kept.min_cosine > 0.9999 and kept.passed
+    cancelling_tagger(tmp_path / "cancelling.safetensors")
+    moved = run_check(load_model(tmp_path / "cancelling.safetensors"), "bf16")
+    assert moved.windows == 8 and moved.top1_agreement < 0.98 and moved.min_cosine < 0.99 and not moved.passed
     encoder = run_check(load_model(ENCODER), "bf16")
     assert encoder.top1_agreement is None and encoder.min_cosine >= 0.999 and encoder.passed
 
