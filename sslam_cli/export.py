@@ -33,7 +33,12 @@ def export(
         ),
     ] = None,
     int8: Annotated[
-        bool, typer.Option("--int8", help="Quantise the MatMul weights to int8 (ONNX Runtime dynamic).")
+        bool,
+        typer.Option(
+            "--int8",
+            help="int8 matrix products (per-channel weights, per-token activation scales; the output "
+            "block stays fp32).",
+        ),
     ] = False,
     teacher: Annotated[
         bool, typer.Option("--teacher", help="Export the EMA teacher of a pre-training checkpoint.")
