@@ -337,6 +337,18 @@ def note_export_precision(model, precision: str) -> None:
              f"{precision} applies to torch checkpoints")  # fmt: skip
 
 
+OUTPUT_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".tsv": "dcase"}
+
+
+def output_format(fmt: str | None, output, choices: tuple[str, ...]) -> str:
+    """The --format to write: the one given, else the one `output`'s extension names (`tags.csv` is CSV,
+    not a table drawn into a .csv file) when the command offers it, else table."""
+    if fmt is not None:
+        return fmt
+    named = OUTPUT_FORMATS.get(Path(output).suffix.lower()) if output is not None else None
+    return named if named in choices else "table"
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename; a write error is one line, exit 2."""
     from sslam_core.runs.outputs import write_text

@@ -29,6 +29,7 @@ from sslam_cli.options import (
     err_console,
     fail,
     note,
+    output_format,
     pick_device,
     render,
     report_inputs,
@@ -76,8 +77,14 @@ def search(
         ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="table, json (one line per query) or csv.")
-    ] = "table",
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table, json (one line per query) or csv [default: from the --output extension (.csv, "
+            ".json, .jsonl), else table].",
+        ),
+    ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Write the matches to this file.")] = None,
     export: Annotated[
         str,
@@ -113,6 +120,7 @@ def search(
     """Query by example: the nearest clips (or segments) of an embedding store, by cosine."""
     from sslam_core.search.index import Index
 
+    fmt = output_format(fmt, output, FORMATS)
     if fmt not in FORMATS:
         fail(f"--format {fmt}: choose {', '.join(FORMATS)}")
     if not index:

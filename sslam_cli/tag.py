@@ -42,6 +42,7 @@ from sslam_cli.options import (
     load_model_or_fail,
     note,
     note_ignored,
+    output_format,
     parse_norm,
     pick_device,
     report_inputs,
@@ -86,9 +87,10 @@ def tag(
             "--format",
             "-f",
             help="table, json (one object per line) or csv; with --events also dcase (TSV), audacity "
-            "or raven.",
+            "or raven [default: from the --output extension (.csv, .json, .jsonl; .tsv: dcase), else "
+            "table].",
         ),
-    ] = "table",
+    ] = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Write the results to this file instead of stdout.")
     ] = None,
@@ -149,6 +151,7 @@ def tag(
     from sslam_core.runs.interrupts import StopRequest
 
     formats = (*FORMATS[:2], *EVENT_FORMATS) if events else FORMATS
+    fmt = output_format(fmt, output, formats)
     if fmt not in formats:
         fail(f"--format {fmt!r}: choose {', '.join(formats)}" + ("" if events else " (more with --events)"))
     if events:

@@ -281,3 +281,21 @@ def test_frame_hop_passes_equal_runs_on_the_shifted_audio(tmp_path):
     bad = sslam("extract", str(ROBIN), "-o", str(tmp_path / "x.h5"), "-c", PRETRAIN, "-g", "frame",
                 "--frame-hop", "0.05", check=2)  # fmt: skip
     assert "0.16, 0.08, 0.04, 0.02, 0.01" in bad.stderr
+
+
+def test_the_output_extension_names_the_format(tmp_path):
+    """`-o tags.csv` writes CSV and `-o tags.json` JSON lines (a new user got a box-drawn table in a .csv
+    file); --format wins; an unknown extension is a table; with --events `.tsv` is the DCASE format."""
+    args = ("tag", CLIP, "-c", FINETUNED, "-k", "2", "--device", "cpu")
+    sslam(*args, "-o", tmp_path / "tags.csv")
+    rows = (tmp_path / "tags.csv").read_text().splitlines()
+    assert rows[0] == "path,scope,start,end,rank,label,mid,score" and len(rows) == 3
+    sslam(*args, "-o", tmp_path / "tags.JSON")
+    assert len(json.loads((tmp_path / "tags.JSON").read_text())["labels"]) == 2
+    sslam(*args, "-o", tmp_path / "forced.csv", "-f", "json")
+    assert json.loads((tmp_path / "forced.csv").read_text())["path"] == str(CLIP)
+    sslam(*args, "-o", tmp_path / "tags.txt")
+    assert "┃" in (tmp_path / "tags.txt").read_text()
+    sslam(*args, "--events", "--event-threshold", "0", "-o", tmp_path / "events.tsv")
+    lines = (tmp_path / "events.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:2] == ["filename", "onset"] and len(lines) > 1

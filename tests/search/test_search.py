@@ -228,6 +228,8 @@ def test_search_command_finds_the_query_itself_first(corpus, tmp_path):
     assert all(float(row.split(",")[5]) > float(row.split(",")[4]) for row in rows[1:])
     table = sslam("search", query, "--index", corpus / "store.h5", "-k", "2", "--device", "cpu").stdout
     assert "rank" in table and "start" in table and str(query) in table
+    sslam("search", query, "--index", corpus / "store.h5", "-o", tmp_path / "m.csv", "--device", "cpu")
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "query,rank,path,score,start,end"
 
 
 def test_bad_queries_are_one_line_each_and_the_others_are_answered(corpus, tmp_path):
