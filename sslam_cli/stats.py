@@ -17,6 +17,7 @@ from sslam_cli.options import (
     err_console,
     fail,
     note,
+    output_format,
     pick_device,
     warn,
     write_text_atomic,
@@ -54,7 +55,12 @@ def stats(
             help="Count only each file's first N frames, as a model input of N frames keeps [default: all].",
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="table or json [default: json for an --output ending .json, else table]."
+        ),
+    ] = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Write the result to this file instead of stdout.")
     ] = None,
@@ -66,6 +72,7 @@ def stats(
     """Print the fbank mean and std over all real frames and bins of all files (padding never counts)."""
     from sslam_core.audio.stats import fbank_stats
 
+    fmt = output_format(fmt, output, ("table", "json"))
     if fmt not in ("table", "json"):
         fail(f"--format {fmt!r}: choose table or json")
     if target_length is not None and target_length <= 0:

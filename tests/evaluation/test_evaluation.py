@@ -249,6 +249,9 @@ def test_stats_equal_numpy_over_fbank(tmp_path):
         assert obj["norm"] == f"{obj['mean']:.6f},{obj['std']:.6f}"
     text = sslam("stats", DIGITS, "--device", "cpu").stdout
     assert "padding excluded" in text and "--norm " in text
+    sslam("stats", DIGITS, "--device", "cpu", "-o", tmp_path / "stats.json")  # .json: JSON, not a table
+    written = json.loads((tmp_path / "stats.json").read_text())
+    assert written["norm"] in text and written["files"] > 0
 
 
 def test_plot_training_curves(tmp_path):
