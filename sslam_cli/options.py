@@ -231,6 +231,7 @@ def settle_auto(
             once = "once; seconds for a small model, minutes for a ViT-B"
             note(f"note: --precision auto: quantising the int8 model of {checkpoint} to check it ({once})")
         int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
+        note_uncached(int8, checkpoint)
         verdict, when = check("int8", int8)
         if verdict.passed:
             kept = f"it keeps this model's results ({when}: {verdict.summary()})"
@@ -323,7 +324,16 @@ def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = Fa
 
     model = load_model(checkpoint, device=device, teacher=teacher, precision=precision)
     note_export_precision(model, precision)
+    note_uncached(model, checkpoint)
     return model
+
+
+def note_uncached(model, checkpoint: str) -> None:
+    """Say when an int8 model could not be cached (it was quantised for this run only)."""
+    reason = getattr(model, "uncached", None)
+    if reason:
+        note(f"warning: the int8 model of {checkpoint} is quantised for this run only: its cache cannot "
+             f"be written ({reason}); set SSLAM_CACHE to a writable folder to keep it")  # fmt: skip
 
 
 def note_export_precision(model, precision: str) -> None:

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from sslam_core.models.checkpoint import Checkpoint, CheckpointError, metadata, 
 from sslam_core.models.loading import read_checkpoint, reader_for, resolve, torch_model
 from sslam_core.models.onnx_runtime import INPUT, cached_int8, onnx_model, open_session, require, run_session
 from sslam_core.models.transformer import Classifier
-from sslam_core.runs.outputs import atomic_write
+from sslam_core.runs.outputs import OutputError, atomic_write
 
 FP32_TOLERANCE = 1e-4
 OPSET = 18
@@ -227,7 +228,8 @@ def _int8_file(sha256: str, teacher: bool) -> Path:
 def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
     """The int8 ONNX model of a torch checkpoint (last block, default window), quantised on first use
     and cached (`int8_path`); returns (path, whether it was made now). A checkpoint that is already
-    an ONNX export is returned as it is when it is int8."""
+    an ONNX export is returned as it is when it is int8. A cache that cannot be written (read-only,
+    full, not a folder) is an OutputError; `int8_model` then quantises in memory."""
     if ckpt.layout == "onnx":
         if ckpt.extra["onnx"]["precision"] != "int8":
             raise ExportError(f"{ckpt.source}: an fp32 ONNX export; export it with --int8 for int8")
@@ -242,11 +244,25 @@ def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
 
 
 def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
-    """`int8_checkpoint`'s model, loaded; any failure is a one-line CheckpointError."""
+    """`int8_checkpoint`'s model, loaded; any failure is a one-line CheckpointError. Where the cache
+    cannot be written the model is quantised for this process only, and its `uncached` attribute says
+    why (the commands print it as a warning); otherwise `uncached` is None."""
     from sslam_core.models.onnx_runtime import OnnxUnavailable
 
     try:
-        path, _ = int8_checkpoint(ckpt)
+        try:
+            path, _ = int8_checkpoint(ckpt)
+        except OutputError as e:
+            uncached = str(e)
+            data = export_checkpoint(ckpt, int8=True).data
+            with tempfile.TemporaryDirectory(prefix="sslam-int8-") as tmp:
+                path = Path(tmp) / int8_path(ckpt).name
+                path.write_bytes(data)
+                model = onnx_model(read_checkpoint(path, allow_onnx=True), device)  # the session holds it
+            model.described = f"the int8 model of {ckpt.source}"
+            model.checkpoint_info = {**model.checkpoint_info, "source": ckpt.source}
+            model.uncached = uncached
+            return model
     except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
         raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
     model = onnx_model(read_checkpoint(path, allow_onnx=True), device)

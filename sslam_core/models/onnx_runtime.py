@@ -137,6 +137,7 @@ class OnnxModel(nn.Module):
         # torch checkpoint (`onnx_export.int8_model` says so, and `cached_for` names that checkpoint)
         self.described = "this ONNX export"
         self.cached_for: str | None = None
+        self.uncached: str | None = None  # why an int8 model made from a torch checkpoint is not cached
         self.checkpoint_info = {
             **ckpt.info,
             "exported_from": str(onnx_meta.get("source") or ""),

@@ -369,3 +369,19 @@ def test_precision_of_an_export_and_messages_of_the_cached_int8_model(exported, 
         "error: --frame-scores token: token frame scores need the PyTorch model (the int8 model cached "
         f"for {FINETUNED} gives clip logits only; run another --precision)"
     )
+
+
+def test_an_unwritable_int8_cache_quantises_for_the_run_with_a_warning(tmp_path):
+    """A cache that cannot be written (here under a regular file: a real ENOTDIR, as a read-only or
+    full disk would give) costs the caching, not the run: a warning says why, the tags are int8's."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    args = ("tag", CLIP, "-c", FINETUNED, "-f", "json", "-k", "3", "--device", "cpu")
+    cached = sslam(*args, "--precision", "int8", env={"SSLAM_CACHE": str(tmp_path / "cache")})
+    for precision in ("int8", "auto"):
+        run = sslam(*args, "--precision", precision, env={"SSLAM_CACHE": str(blocker / "cache")})
+        warning = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warning) == 1 and "quantised for this run only" in warning[0], run.stderr
+        assert "not a directory" in warning[0] and "SSLAM_CACHE" in warning[0]
+        assert json.loads(run.stdout) == json.loads(cached.stdout)
+    assert "--precision auto runs int8" in run.stderr
