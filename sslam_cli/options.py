@@ -228,7 +228,7 @@ def settle_auto(
 
         sha = (model.checkpoint_info or {}).get("sha256")
         if sha and not int8_cached(sha, teacher):
-            once = "once; seconds for a small model, minutes for a ViT-B"
+            once = "once; seconds for a small model, about half a minute for a ViT-B on 2 cores"
             note(f"note: --precision auto: quantising the int8 model of {checkpoint} to check it ({once})")
         int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
         note_uncached(int8, checkpoint)
