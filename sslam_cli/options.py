@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -230,7 +232,8 @@ def settle_auto(
         if sha and not int8_cached(sha, teacher):
             once = "once; seconds for a small model, about half a minute for a ViT-B on 2 cores"
             note(f"note: --precision auto: quantising the int8 model of {checkpoint} to check it ({once})")
-        int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
+        with int8_progress():
+            int8 = load_model(checkpoint, device=device, teacher=teacher, precision="int8")
         note_uncached(int8, checkpoint)
         verdict, when = check("int8", int8)
         if verdict.passed:
@@ -322,10 +325,43 @@ def load_model_or_fail(checkpoint: str, device: torch.device, teacher: bool = Fa
     model); any problem becomes one line and exit status 2."""
     from sslam_core.models.factory import load_model
 
-    model = load_model(checkpoint, device=device, teacher=teacher, precision=precision)
+    with int8_progress():
+        model = load_model(checkpoint, device=device, teacher=teacher, precision=precision)
     note_export_precision(model, precision)
     note_uncached(model, checkpoint)
     return model
+
+
+@contextlib.contextmanager
+def int8_progress() -> Iterator[None]:
+    """A progress bar over the steps of making an int8 model, shown on a terminal while one is made
+    (first use of a checkpoint's int8 model; a cached one reports no step and shows nothing)."""
+    from tqdm import tqdm
+
+    from sslam_core.models.onnx_export import EXPORT_STEPS, export_progress
+
+    bar = None
+
+    def step(name: str) -> None:
+        nonlocal bar
+        if rank_in_run() or not err_console.file.isatty():
+            return
+        if bar is None:
+            total = len(EXPORT_STEPS)
+            bar = tqdm(total=total, unit="step", desc="int8 model", postfix=name, file=err_console.file)
+        else:
+            bar.update(1)
+            bar.set_postfix_str(name)
+
+    try:
+        with export_progress(step):
+            yield
+        if bar is not None:
+            bar.set_postfix_str("done", refresh=False)
+            bar.update(bar.total - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def note_uncached(model, checkpoint: str) -> None:

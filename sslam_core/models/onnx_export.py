@@ -18,7 +18,8 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,27 @@ FP32_TOLERANCE = 1e-4
 OPSET = 18
 INT8_SCHEME = int8.SCHEME  # in the cached int8 models' names: a new scheme makes them again
 EXPORT_MODULES = ("onnx", "onnxruntime", "onnxscript")
+
+
+EXPORT_STEPS = ("exporting the graph", "checking it against torch", "quantising to int8", "checking int8")
+_PROGRESS: ContextVar[Callable[[str], None] | None] = ContextVar("sslam_export_progress", default=None)
+
+
+@contextlib.contextmanager
+def export_progress(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call `callback(step)` as each step of `export_checkpoint` starts, in this context (one of
+    `EXPORT_STEPS`; the last two for int8 only): a command's progress bar for a first int8 use."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _step(name: str) -> None:
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(name)
 
 
 class ExportError(SslamError, ValueError):
@@ -170,7 +192,9 @@ def export_checkpoint(
     example = torch.randn(
         check_batch, 1, frames, ckpt.config.mel_bins, generator=torch.Generator().manual_seed(seed)
     )
+    _step(EXPORT_STEPS[0])
     proto = _to_onnx(graph, example, outputs)
+    _step(EXPORT_STEPS[1])
     meta = metadata(ckpt)
     meta["extra"] = {**meta["extra"], "target_length": frames}
     meta.update(kind=kind, layer=depth, target_length=frames, source=ckpt.source, source_sha256=ckpt.sha256)
@@ -188,7 +212,9 @@ def export_checkpoint(
             )
     result = Export(b"", kind, depth, frames, "int8" if int8 else "fp32", max_diff)
     if int8:
+        _step(EXPORT_STEPS[2])
         proto = quantize_int8(proto)
+        _step(EXPORT_STEPS[3])
         quant = run_session(open_session(proto.SerializeToString()), example)
         result.max_diff = {n: (quant[n] - expected[n]).abs().max().item() for n in outputs}
         result.cosine = {"cls": _cosine(quant["features"][:, 0], fp32["features"][:, 0])}
@@ -288,6 +314,8 @@ def load_int8(
 
 __all__ = [
     "EXPORT_MODULES",
+    "EXPORT_STEPS",
+    "export_progress",
     "FP32_TOLERANCE",
     "Export",
     "ExportError",

@@ -82,3 +82,17 @@ def test_a_one_block_graph_is_quantised_whole():
     proto = onnx.load_from_string(result.data)
     assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == 4
     assert result.cosine["cls"] > 0.999
+
+
+def test_an_int8_export_reports_its_steps():
+    from sslam_core.models.onnx_export import EXPORT_STEPS, export_progress
+
+    steps: list[str] = []
+    with export_progress(steps.append):
+        export_checkpoint(read_checkpoint(FINETUNED), int8=True)
+    assert steps == list(EXPORT_STEPS)
+    steps.clear()
+    export_checkpoint(read_checkpoint(FINETUNED))  # outside the context: nobody is told
+    with export_progress(steps.append):
+        export_checkpoint(read_checkpoint(FINETUNED))
+    assert steps == list(EXPORT_STEPS[:2])  # fp32: no quantising

@@ -385,3 +385,44 @@ def test_an_unwritable_int8_cache_quantises_for_the_run_with_a_warning(tmp_path)
         assert "not a directory" in warning[0] and "SSLAM_CACHE" in warning[0]
         assert json.loads(run.stdout) == json.loads(cached.stdout)
     assert "--precision auto runs int8" in run.stderr
+
+
+def test_a_first_int8_use_shows_a_progress_bar_on_a_terminal(tmp_path):
+    """`--precision int8` makes the int8 model on first use with a progress bar over its steps on a
+    terminal (a real pseudo-terminal, 100 columns); the second run finds it cached and shows none."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    def run() -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+        chunks: list[bytes] = []
+
+        def read() -> None:
+            while True:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the terminal's other end is closed
+                    return
+                if not data:
+                    return
+                chunks.append(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        args = ["tag", CLIP, "-c", FINETUNED, "--precision", "int8", "-f", "json", "--device", "cpu"]
+        env = {**os.environ, "SSLAM_CACHE": str(tmp_path / "cache"), "COLUMNS": "100"}
+        done = subprocess.run([sys.executable, "-m", "sslam_cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=slave, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+        os.close(slave)
+        reader.join(timeout=30)
+        os.close(master)
+        assert done.returncode == 0 and json.loads(done.stdout)["labels"]
+        return b"".join(chunks).decode(errors="replace")
+
+    first = run()
+    assert "int8 model: 100%" in first and "4/4" in first and "quantising to int8" in first, first
+    assert "int8 model" not in run()
