@@ -168,6 +168,18 @@ def test_tag_under_two_ranks_writes_results_in_input_order(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_under_two_ranks_gives_one_process_bits(corpus, tmp_path):
+    """int8 scores do not depend on the files batched or sharded with them: two ranks (each its own
+    share and batches) write what one process writes, to the last digit of every score."""
+    args = [str(corpus), "-c", FINETUNED, "--format", "json", "--top-k", "5", "--precision", "int8"]
+    single = sslam("tag", *args, "--batch-size", "8", check=1).stdout  # quantises and caches first
+    sharded = sslam("tag", *args, torchrun=2)
+    assert sharded.stdout == single and len(single.splitlines()) == 18
+    fp32 = sslam("tag", *args[:-2], check=1).stdout
+    assert fp32 != single  # it ran int8
+
+
+@pytest.mark.slow
 def test_eval_under_two_ranks_scores_the_gathered_predictions(tmp_path):
     import torch
 
