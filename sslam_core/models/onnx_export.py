@@ -251,11 +251,19 @@ def _int8_file(sha256: str, teacher: bool) -> Path:
     return cache_dir() / "int8" / f"{sha256}{'-teacher' if teacher else ''}-v{OPSET}-q{INT8_SCHEME}.onnx"
 
 
+class Int8CacheError(OutputError):
+    """An int8 model was made but its cache file cannot be written; `data` holds the model."""
+
+    def __init__(self, error: OutputError, data: bytes):
+        super().__init__(error.errno, str(error))
+        self.filename, self.data = error.filename, data
+
+
 def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
     """The int8 ONNX model of a torch checkpoint (last block, default window), quantised on first use
     and cached (`int8_path`); returns (path, whether it was made now). A checkpoint that is already
     an ONNX export is returned as it is when it is int8. A cache that cannot be written (read-only,
-    full, not a folder) is an OutputError; `int8_model` then quantises in memory."""
+    full, not a folder) is an Int8CacheError holding the model made; `int8_model` then runs it."""
     if ckpt.layout == "onnx":
         if ckpt.extra["onnx"]["precision"] != "int8":
             raise ExportError(f"{ckpt.source}: an fp32 ONNX export; export it with --int8 for int8")
@@ -265,29 +273,31 @@ def int8_checkpoint(ckpt: Checkpoint) -> tuple[Path, bool]:
     path = int8_path(ckpt)
     if path.is_file():
         return path, False
-    export_checkpoint(ckpt, int8=True).write(path)
+    made = export_checkpoint(ckpt, int8=True)
+    try:
+        made.write(path)
+    except OutputError as e:
+        raise Int8CacheError(e, made.data) from None
     return path, True
 
 
 def int8_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
     """`int8_checkpoint`'s model, loaded; any failure is a one-line CheckpointError. Where the cache
-    cannot be written the model is quantised for this process only, and its `uncached` attribute says
+    cannot be written the model made is run for this process only, and its `uncached` attribute says
     why (the commands print it as a warning); otherwise `uncached` is None."""
     from sslam_core.models.onnx_runtime import OnnxUnavailable
 
     try:
         try:
             path, _ = int8_checkpoint(ckpt)
-        except OutputError as e:
-            uncached = str(e)
-            data = export_checkpoint(ckpt, int8=True).data
+        except Int8CacheError as e:
             with tempfile.TemporaryDirectory(prefix="sslam-int8-") as tmp:
                 path = Path(tmp) / int8_path(ckpt).name
-                path.write_bytes(data)
+                path.write_bytes(e.data)
                 model = onnx_model(read_checkpoint(path, allow_onnx=True), device)  # the session holds it
             model.described = f"the int8 model of {ckpt.source}"
             model.checkpoint_info = {**model.checkpoint_info, "source": ckpt.source}
-            model.uncached = uncached
+            model.uncached = str(e)
             return model
     except (ExportError, OnnxUnavailable, OSError) as e:  # OSError includes outputs.OutputError
         raise CheckpointError(f"int8 model of {ckpt.source}: {e}") from None
@@ -319,6 +329,7 @@ __all__ = [
     "FP32_TOLERANCE",
     "Export",
     "ExportError",
+    "Int8CacheError",
     "cache_dir",
     "export_checkpoint",
     "int8_checkpoint",

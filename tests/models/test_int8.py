@@ -96,3 +96,20 @@ def test_an_int8_export_reports_its_steps():
     with export_progress(steps.append):
         export_checkpoint(read_checkpoint(FINETUNED))
     assert steps == list(EXPORT_STEPS[:2])  # fp32: no quantising
+
+
+def test_an_unwritable_cache_runs_the_model_made_without_making_it_twice(tmp_path, monkeypatch):
+    from sslam_core.models.factory import load_model
+    from sslam_core.models.onnx_export import EXPORT_STEPS, export_progress
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SSLAM_CACHE", str(blocker / "cache"))  # a real ENOTDIR on writing
+    steps: list[str] = []
+    with export_progress(steps.append):
+        model = load_model(FINETUNED, precision="int8")
+    assert steps == list(EXPORT_STEPS)  # exported and quantised once
+    assert model.precision == "int8" and "not a directory" in model.uncached
+    assert model.checkpoint_info["source"] == str(FINETUNED)
+    monkeypatch.setenv("SSLAM_CACHE", str(tmp_path / "cache"))
+    assert load_model(FINETUNED, precision="int8").uncached is None
