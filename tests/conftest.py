@@ -27,6 +27,27 @@ TINY_FINETUNED = str(CHECKPOINTS / "tiny_finetuned.pt")  # fairseq layout, 527 A
 TINY_PRETRAIN = str(CHECKPOINTS / "tiny_pretrain.pt")  # fairseq layout, student + EMA teacher + decoder
 
 
+def tiny_config():
+    """The small encoder config the training tests build (2 blocks x 64, 16 time patches at most)."""
+    from sslam_core.models.transformer import ModelConfig
+
+    return ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A seeded random 'pre-trained' encoder checkpoint of `tiny_config()` in our format."""
+    import torch
+
+    from sslam_core.models.layouts.native import save_checkpoint
+    from sslam_core.models.transformer import Encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "encoder.safetensors"
+    save_checkpoint(path, tiny_config(), Encoder(tiny_config()).state_dict(), normalization=(-5.0, 4.0))
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory) -> Iterator[None]:
     """Caches the commands keep (int8 models, precision checks) go to a folder of the test session, not

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, tiny_config
 from typer.testing import CliRunner
 
 from sslam_core.data.augment import (
@@ -23,7 +23,6 @@ from sslam_core.data.training_clips import WaveformDataset
 from sslam_core.models.factory import load_model
 from sslam_core.models.layouts.native import save_checkpoint
 from sslam_core.models.loading import read_checkpoint
-from sslam_core.models.transformer import Encoder, ModelConfig
 from sslam_core.training.finetuning import (
     FinetuneConfig,
     FinetuneTask,
@@ -35,7 +34,7 @@ from sslam_core.training.finetuning import (
 from sslam_core.training.linear_probe import LinearProbeTask
 from sslam_core.training.optim import build_optimizer
 
-TINY = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
+TINY = tiny_config()
 
 
 def gen(seed=0):
@@ -52,15 +51,6 @@ def digits():
 def poly():
     """3 polydigits mixtures (multi-label; the 4th listed clip has no audio)."""
     return read_labelled(DATA / "polydigits")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A small random 'pre-trained' encoder checkpoint in our format."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "encoder.safetensors"
-    save_checkpoint(path, TINY, Encoder(TINY).state_dict(), normalization=(-5.0, 4.0))
-    return path
 
 
 def quick(**kw):

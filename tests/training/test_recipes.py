@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, FIXTURES, TINY_PRETRAIN, sslam
+from conftest import DATA, FIXTURES, TINY_PRETRAIN, sslam, tiny_config
 
 from sslam_core.audio.constants import NORMALIZATION
 from sslam_core.data.augment import (
@@ -23,14 +23,12 @@ from sslam_core.data.augment import (
     weighted_draw,
 )
 from sslam_core.data.datasets import read_labelled
-from sslam_core.models.layouts.native import save_checkpoint
-from sslam_core.models.transformer import Encoder, ModelConfig
 from sslam_core.training.finetuning import FinetuneConfig, finetune, recipe
 from sslam_core.training.linear_probe import AugmentedLinearProbeTask
 from sslam_core.training.recipes import RECIPES
 
 OFFICIAL = json.loads((FIXTURES / "recipes" / "official_recipes.json").read_text())
-TINY = ModelConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)
+TINY = tiny_config()
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -194,14 +192,6 @@ def test_weights_command_and_finetune_read_the_same_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # The official linear evaluation: frozen encoder on every augmented batch
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "encoder.safetensors"
-    save_checkpoint(path, TINY, Encoder(TINY).state_dict(), normalization=(-5.0, 4.0))
-    return path
 
 
 def test_augmented_linear_probe_trains_the_head_on_changing_inputs_of_a_frozen_encoder(tmp_path, pretrained):
