@@ -21,7 +21,7 @@ from sslam_core.audio.frontend import prepare_input
 from sslam_core.inference.decoding import decode_files
 from sslam_core.inference.options import PipelineOptions
 from sslam_core.inference.windows import FileResult, Source, Window, file_error, num_frames, source_name
-from sslam_core.models.onnx_runtime import batch_dependent
+from sslam_core.models.onnx_runtime import one_window_per_pass
 from sslam_core.models.precision import fp32_tail, strict_fp32
 from sslam_core.models.transformer import FREQ_PATCHES, Classifier
 
@@ -171,7 +171,7 @@ def run_windows(
     per-window outputs (B, ...). Yields one FileResult per source, in order. `options` say the windows,
     batching, decoding, device and precision (see `PipelineOptions`; batch size and workers default
     to what suits the device, `default_batching`; an int8 model runs one window per pass, so that a
-    file's outputs are the same bits in any batch: `onnx_runtime.batch_dependent`). `names` are how
+    file's outputs are the same bits in any batch: `onnx_runtime.one_window_per_pass`). `names` are how
     results and messages refer to the sources (default: their paths). When `stop()` turns true (a
     signal, see `interrupts`), the run ends before the next batch: the files finished so far have been
     yielded, the rest are not, and no decoding process is left behind. Results on CPU do not depend on
@@ -179,7 +179,7 @@ def run_windows(
     o = options or PipelineOptions()
     device = torch.device(o.device)
     batch_size, workers = default_batching(device, o.batch_size, o.workers)
-    if batch_dependent(model):  # one window per pass: a file's outputs must not depend on its neighbours
+    if one_window_per_pass(model):  # a file's outputs must not depend on its neighbours
         batch_size = 1
     sources = list(sources)
     features = (o.target_length, o.normalization) if device.type == "cpu" else None

@@ -214,7 +214,7 @@ __all__ = [
     "OnnxEncoder",
     "OnnxModel",
     "OnnxUnavailable",
-    "batch_dependent",
+    "one_window_per_pass",
     "cached_int8",
     "onnx_model",
     "open_session",
@@ -225,10 +225,10 @@ __all__ = [
 ]
 
 
-def batch_dependent(model: nn.Module) -> bool:
-    """Whether `model` runs one window per pass so that its outputs for one input cannot depend on the
-    other inputs of its batch: every int8 graph. Exports made before per-token scales (ONNX Runtime's
-    dynamic quantisation, `int8_scheme` < 3 or absent in their metadata) scale activations per batch;
-    per-token graphs do not, and one window per pass also keeps their fp32 parts' bits (and is no
-    slower in ONNX Runtime)."""
+def one_window_per_pass(model: nn.Module) -> bool:
+    """Whether the pipeline runs `model` one window per pass, so that its outputs for one input cannot
+    depend on the other inputs of a batch: every int8 graph. Exports made before per-token scales (ONNX
+    Runtime's dynamic quantisation, `int8_scheme` < 3 or absent in their metadata) scale activations
+    per batch; per-token graphs do not, and one window per pass also keeps their fp32 parts' bits (and
+    is no slower in ONNX Runtime)."""
     return isinstance(model, OnnxModel) and model.precision == "int8"
